@@ -1,0 +1,3 @@
+from safediff.cli import main_entry
+
+main_entry()

@@ -1,0 +1,113 @@
+"""Command line: parse, build a config, call one library function. `main(argv) -> int`."""
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from safediff.errors import SafediffError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="preset name (see `safediff presets`) or a YAML file path")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grpo.group_size=8"
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from safediff.config import load_config
+    from safediff.rl.trainer import train
+
+    cfg = load_config(args.preset, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    hist = summary["history"]
+    if hist:
+        print(
+            f"trained epochs {summary['start_epoch']}..{summary['end_epoch'] - 1}: "
+            f"reward {hist[0]['reward_mean/all']:.4f} -> {hist[-1]['reward_mean/all']:.4f}; "
+            f"outputs in {summary['run_dir']}"
+        )
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from safediff.config import load_config, to_dict
+
+    cfg = load_config(args.preset, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from safediff.config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from safediff.demo import run_demo
+
+    return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safediff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="GRPO post-training of a diffusion UNet")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", help="'auto' (latest checkpoint in run.output_dir) or a checkpoint folder"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config of a preset + overrides")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("demo", help="the whole method end to end on the embedded default")
+    p.add_argument(
+        "--output-dir", default="safediff-demo", help="everything is written under this folder"
+    )
+    p.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=_cmd_demo)
+
+    try:
+        from safediff.steer_tool import add_steer_parser
+    except ImportError:  # the steering tool is optional until its module lands
+        pass
+    else:
+        add_steer_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args))
+    except SafediffError as err:
+        print(f"safediff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "safediff: interrupted (completed checkpoints are kept; resume with --resume auto)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def main_entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Typed run configuration: frozen dataclasses, YAML presets, dotted command-line overrides.
+
+A config is built as: dataclass defaults <- preset YAML (optional) <- overrides `a.b=value`
+(values parsed as YAML scalars/lists). Unknown keys and wrongly typed values are errors that name
+the key and list the valid ones. The resolved config is written as `config.yaml` beside every
+run's outputs, and loading that file gives the same config back.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safediff.errors import SafediffError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained: str = "tiny-sd"
+    """Base model: 'tiny-sd' (built offline), a local diffusers folder, or a hub id."""
+    unet_weights: str | None = None
+    """Optional bare UNet .safetensors (e.g. checkpoint_epoch_N/diffusion_pytorch_model.safetensors)
+    swapped into the base pipeline."""
+    revision: str | None = None
+    """Hub revision of `pretrained` (ignored for folders)."""
+    resolution: int | None = None
+    """Image size in pixels; None keeps the model's default (UNet sample_size x VAE factor)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_steps: int = 50
+    """DDIM steps per rollout."""
+    eta: float = 1.0
+    """DDIM stochasticity; training needs eta > 0 (a deterministic step has no log-prob)."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale; 1.0 turns CFG off."""
+    negative_prompt: str = ""
+    """Unconditional prompt for CFG (the reference uses the empty prompt)."""
+    rollout_batch_size: int = 8
+    """Samples denoised together in one UNet call during rollouts (memory knob only)."""
+    shared_noise: bool = False
+    """Reference quirk: one noise tensor shared by every sample of a rollout batch."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 16
+    """K: samples per prompt. Advantages are normalised within each group."""
+    samples_per_process: int = 64
+    """Samples each process generates per epoch; groups may span processes."""
+    adv_clip: float = 2.5
+    """A_max: advantages are clipped to [-A_max, A_max]."""
+    adv_eps: float = 1e-4
+    """Added to the group std before dividing."""
+    clip_range: float = 1e-4
+    """PPO clip c on the ratio of per-element *mean* log-probs (see logprob_reduction)."""
+    logprob_reduction: str = "mean"
+    """'mean' (the reference's: c bounds the geometric-mean per-element ratio) or 'sum' (the true
+    log-density of the whole latent; use a far larger c)."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference policy (0 turns it off and skips the reference pass)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's denoising steps that are trained, drawn per sample."""
+    train_last_step: bool = True
+    """Reference quirk when False: the last denoising step is never trained."""
+    train_cfg: bool = True
+    """Recompute log-probs with CFG during training (as sampled). False trains the conditional
+    branch alone."""
+    inner_epochs: int = 1
+    """Passes over each epoch's stored trajectories."""
+    micro_batch: int = 8
+    """Transitions (sample, timestep) per forward/backward pass."""
+    grad_accum: int = 0
+    """Micro-batches per optimizer step; 0 = one optimizer step per inner epoch."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 turns it off."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    enabled: bool = False
+    """Train a peft LoRA adapter on the UNet instead of every weight."""
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    name: str = "brightness"
+    """Reward plug-in name (see safediff.rewards.registry)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward's builder; unknown ones are errors."""
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    file: str = "builtin:smoke"
+    """Training prompts: a text file (one per line), a CSV with a 'prompt' column, or
+    'builtin:NAME' for a prompt list shipped with safediff."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/safediff"
+    """Everything the run writes goes under this folder."""
+    seed: int = 0
+    """Base seed; every draw derives its own seed from it (epoch, sample, ...)."""
+    epochs: int = 300
+    stop_after_epochs: int | None = None
+    """End this session after this many epochs (e.g. a time-limited job slot); resume later."""
+    mixed_precision: str = "no"
+    """'no', 'fp16' or 'bf16' (autocast via accelerate)."""
+    gradient_checkpointing: bool = False
+    save_every: int = 10
+    """Checkpoint every N epochs (the last epoch is always saved)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted."""
+    log_with: str = "auto"
+    """'auto' (tensorboard when installed), 'tensorboard', 'wandb' or 'none'."""
+    num_processes: int | None = None
+    """World size the preset was tuned for; a different one is allowed but logged."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks, each with a message that names the fields."""
+    checks = [
+        (cfg.sampling.num_steps >= 1, "sampling.num_steps must be >= 1"),
+        (cfg.sampling.eta > 0, "sampling.eta must be > 0 for GRPO (eta = 0 has no log-prob)"),
+        (cfg.sampling.guidance_scale >= 1.0, "sampling.guidance_scale must be >= 1.0"),
+        (cfg.sampling.rollout_batch_size >= 1, "sampling.rollout_batch_size must be >= 1"),
+        (cfg.grpo.group_size >= 2, "grpo.group_size must be >= 2 (a group of 1 has no spread)"),
+        (cfg.grpo.samples_per_process >= 1, "grpo.samples_per_process must be >= 1"),
+        (cfg.grpo.adv_clip > 0, "grpo.adv_clip must be > 0"),
+        (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
+        (
+            cfg.grpo.logprob_reduction in ("mean", "sum"),
+            "grpo.logprob_reduction must be 'mean' or 'sum'",
+        ),
+        (cfg.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+        (0 < cfg.grpo.timestep_fraction <= 1, "grpo.timestep_fraction must be in (0, 1]"),
+        (cfg.grpo.inner_epochs >= 1, "grpo.inner_epochs must be >= 1"),
+        (cfg.grpo.micro_batch >= 1, "grpo.micro_batch must be >= 1"),
+        (cfg.grpo.grad_accum >= 0, "grpo.grad_accum must be >= 0"),
+        (cfg.grpo.max_grad_norm >= 0, "grpo.max_grad_norm must be >= 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
+        (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
+        (cfg.run.save_every >= 1, "run.save_every must be >= 1"),
+        (cfg.run.keep_last >= 1, "run.keep_last must be >= 1"),
+        (
+            cfg.run.mixed_precision in ("no", "fp16", "bf16"),
+            "run.mixed_precision must be 'no', 'fp16' or 'bf16'",
+        ),
+        (
+            cfg.run.log_with in ("auto", "tensorboard", "wandb", "none"),
+            "run.log_with must be 'auto', 'tensorboard', 'wandb' or 'none'",
+        ),
+        (
+            cfg.run.stop_after_epochs is None or cfg.run.stop_after_epochs >= 1,
+            "run.stop_after_epochs must be >= 1",
+        ),
+        (cfg.prompts.file.strip() != "", "prompts.file must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SafediffError(f"invalid config: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from dicts, presets and overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp` (allowing int -> float), or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SafediffError(f"config key {key!r} must be a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except SafediffError as err:
+                errors.append(str(err))
+        raise SafediffError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise SafediffError(f"config key {key!r} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SafediffError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any float literal.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise SafediffError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise SafediffError(f"config key {key!r} must be an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise SafediffError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise SafediffError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))}"
+        )
+    kwargs = {name: _coerce(value, types_[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (lists and dicts copied)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "params":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'grpo.group_size=4' -> (['grpo', 'group_size'], 4). Values are parsed as YAML."""
+    if "=" not in text:
+        raise SafediffError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SafediffError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise SafediffError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return parts, value
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("safediff.configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def read_yaml(path_or_preset: str) -> dict[str, Any]:
+    """Load a preset by name (shipped with safediff) or a YAML file by path."""
+    path = Path(path_or_preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SafediffError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    else:
+        resource = resources.files("safediff.configs") / f"{path_or_preset}.yaml"
+        if not resource.is_file():
+            raise SafediffError(
+                f"unknown preset {path_or_preset!r}; presets: {', '.join(preset_names())} "
+                "(or pass a path to a .yaml file)"
+            )
+        text = resource.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SafediffError(f"{path_or_preset}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise SafediffError(f"{path_or_preset}: top level must be a mapping")
+    return data
+
+
+def load_config(
+    preset: str | None = None, overrides: list[str] | None = None, cls: type = TrainConfig
+) -> Any:
+    """defaults <- preset (name or path) <- overrides, validated."""
+    data: dict[str, Any] = read_yaml(preset) if preset else {}
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        update: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            update = {part: update}
+        data = _merge(data, update)
+    return _build(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that re-validates (frozen configs are changed only by copy)."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,248 @@
+"""Load a Stable Diffusion-family model as a `T2IModel`: tiny SD, a local folder or a hub id,
+optionally with a bare UNet checkpoint swapped in.
+
+Where the weights come from (`ModelConfig.pretrained`):
+- "tiny-sd" / "tiny-sd-v": the offline random tiny SD (epsilon / v-prediction), see tiny_sd.py;
+- a local diffusers pipeline folder (with model_index.json and the subfolders unet, vae,
+  text_encoder, tokenizer, scheduler);
+- a Hugging Face hub id (with `revision`), read from the local cache only when HF_HUB_OFFLINE is
+  set. Each component is loaded with its own class' `from_pretrained(..., subfolder=...)`, so no
+  safety checker or feature extractor is ever downloaded.
+`ModelConfig.unet_weights` then replaces every UNet weight with a bare UNet .safetensors (the
+reference's `checkpoint_epoch_N/diffusion_pytorch_model.safetensors`), keys checked strictly.
+
+Precision: the frozen VAE and text encoder are cast to `dtype` (bf16/fp16 halves their memory and
+they never see a gradient); the UNet always stays float32, because it is the trained policy and
+mixed precision is autocast's job (accelerate), not the stored weights'. The scheduler class in a
+folder does not matter: its beta fields are read into a DDIMScheduler (SD 1.5 ships PNDM's).
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from safediff.config import ModelConfig
+from safediff.errors import SafediffError
+from safediff.models.base import T2IModel
+from safediff.models.stable_diffusion import REQUIRED_COMPONENTS, sd_components_to_t2i
+from safediff.models.tiny_sd import build_tiny_sd
+
+TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
+UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def load_t2i_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> T2IModel:
+    """Build the `T2IModel` that `cfg` names, on `device`.
+
+    dtype: precision of the frozen VAE and text encoder; the UNet is always float32.
+    Raises SafediffError (one line, naming the path or id) when the model cannot be found or a
+    UNet checkpoint does not fit it.
+    """
+    # Find the UNet checkpoint before loading a (possibly large) base model.
+    unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
+    components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
+    source = cfg.pretrained
+    if unet_file is not None:
+        load_unet_weights(components["unet"], unet_file)
+        source = f"{cfg.pretrained} + {unet_file}"
+    model = sd_components_to_t2i(components, source=source, resolution=cfg.resolution)
+    # Dtypes were set at load time (a .to(dtype) after from_pretrained makes diffusers warn).
+    model.unet.to(device)
+    for comp in model.components.values():
+        if isinstance(comp, nn.Module):
+            comp.to(device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Base pipelines
+
+
+def load_sd_components(
+    pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """SD components by diffusers' names (unet, vae, text_encoder, tokenizer, scheduler), on CPU.
+
+    pretrained: "tiny-sd", "tiny-sd-v", a local pipeline folder, or a hub id.
+    The VAE and text encoder come in `dtype`, the UNet in float32.
+    """
+    if pretrained in TINY_MODELS:
+        components = build_tiny_sd(seed=0, prediction_type=TINY_MODELS[pretrained])
+        for name in ("vae", "text_encoder"):
+            components[name].to(dtype=dtype)
+        return components
+    folder = Path(pretrained).expanduser()
+    if folder.exists() or _looks_like_path(pretrained):
+        return _load_folder(folder, dtype)
+    return _load_hub(pretrained, revision, dtype)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A string that cannot be a hub id ('org/name') is a path the user expected to exist."""
+    return (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "true", "yes", "on")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    where = folder.resolve()
+    if not where.exists():
+        raise SafediffError(
+            f"model folder not found: {where}; pass 'tiny-sd', a diffusers pipeline folder or a "
+            "hub id as model.pretrained"
+        )
+    if not (where / "model_index.json").is_file():
+        hint = ""
+        if (where / UNET_WEIGHTS_NAME).is_file():
+            hint = " (it holds a bare UNet: pass it as model.unet_weights on top of a base model)"
+        raise SafediffError(
+            f"{where} is not a diffusers pipeline folder: expected model_index.json and the "
+            f"subfolders {', '.join(REQUIRED_COMPONENTS)}{hint}"
+        )
+    missing = [name for name in REQUIRED_COMPONENTS if not (where / name).is_dir()]
+    if missing:
+        raise SafediffError(
+            f"pipeline folder {where} lacks the subfolder(s) {', '.join(missing)}; a Stable "
+            f"Diffusion pipeline needs {', '.join(REQUIRED_COMPONENTS)}"
+        )
+    try:
+        return _from_pretrained_all(str(where), dtype)
+    except (OSError, ValueError) as err:
+        raise SafediffError(f"could not load pipeline folder {where}: {_first_line(err)}") from None
+
+
+def _load_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    offline = _hub_offline()
+    hub_errors = (OSError, ValueError, EntryNotFoundError)
+    try:
+        hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=offline)
+    except hub_errors:
+        raise SafediffError(
+            f"could not load '{repo_id}': not a local folder and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); pass a local diffusers folder or download it first"
+        ) from None
+    try:
+        return _from_pretrained_all(repo_id, dtype, revision=revision, local_files_only=offline)
+    except hub_errors as err:
+        raise SafediffError(f"could not load '{repo_id}': {_first_line(err)}") from None
+
+
+def _from_pretrained_all(where: str, dtype: torch.dtype, **hub_kwargs: Any) -> dict[str, Any]:
+    """Each SD component from `where` (folder or hub id) with its class' from_pretrained."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(
+            where, subfolder="unet", torch_dtype=torch.float32, **hub_kwargs
+        ),
+        "vae": AutoencoderKL.from_pretrained(
+            where, subfolder="vae", torch_dtype=dtype, **hub_kwargs
+        ),
+        "text_encoder": CLIPTextModel.from_pretrained(
+            where, subfolder="text_encoder", dtype=dtype, **hub_kwargs
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **hub_kwargs),
+        # Any scheduler class's config (PNDM for SD 1.5) carries the same beta fields.
+        "scheduler": DDIMScheduler.from_pretrained(where, subfolder="scheduler", **hub_kwargs),
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Bare UNet checkpoints
+
+
+def resolve_unet_weights(path: str | Path) -> Path:
+    """The .safetensors file `path` names (a file, or a folder holding
+    diffusion_pytorch_model.safetensors), or a SafediffError naming what was looked for."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        candidate = p / UNET_WEIGHTS_NAME
+        if not candidate.is_file():
+            raise SafediffError(
+                f"UNet weights folder {p} has no {UNET_WEIGHTS_NAME}; pass the .safetensors file"
+            )
+        return candidate
+    if not p.is_file():
+        raise SafediffError(f"UNet weights not found: {p}")
+    if p.suffix != ".safetensors":
+        raise SafediffError(
+            f"UNet weights {p} must be a .safetensors file (pickled .bin/.ckpt files are not "
+            "loaded); convert it with safetensors.torch.save_file"
+        )
+    return p
+
+
+def load_unet_weights(unet: nn.Module, path: str | Path) -> Path:
+    """Replace every weight of `unet` (in place) with those of a bare UNet .safetensors file.
+
+    Keys and shapes must match the UNet exactly (strict); otherwise a SafediffError names the file
+    and a few missing / unexpected / mis-shaped keys. Returns the resolved file path.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = resolve_unet_weights(path)
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError) as err:
+        raise SafediffError(f"could not read UNet weights {p}: {_first_line(err)}") from None
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SafediffError(
+            f"UNet weights {p} do not match the base UNet: {len(missing)} missing key(s) "
+            f"{_few(missing)}, {len(unexpected)} unexpected key(s) {_few(unexpected)}; "
+            "is it a UNet of the same base model (and not a LoRA or a wrapped module)?"
+        )
+    bad_shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad_shapes:
+        k = bad_shapes[0]
+        raise SafediffError(
+            f"UNet weights {p} do not match the base UNet: {len(bad_shapes)} tensor(s) of another "
+            f"shape, e.g. {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        )
+    unet.load_state_dict(state, strict=True)
+    return p
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return "[]"
+    more = ", ..." if len(keys) > n else ""
+    return "[" + ", ".join(keys[:n]) + more + "]"
+
+
+def save_unet_safetensors(unet: nn.Module, path: str | Path) -> Path:
+    """Write the UNet's state dict as a bare .safetensors file (the layout load_unet_weights reads)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    save_file(state, str(path))
+    return path

@@ -1,0 +1,1 @@
+"""Rewards: one signature, one file per reward. See `safediff.rewards.base`."""

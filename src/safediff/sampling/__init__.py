@@ -1,0 +1,1 @@
+"""Samplers: a pure DDIM step with log-probability, and batched rollouts."""

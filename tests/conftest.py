@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waits
+# make them 10-100x slower; one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides for a GRPO run on tiny-sd that takes seconds on a CPU."""
+    return [
+        "model.pretrained=tiny-sd",
+        "sampling.num_steps=3",
+        "sampling.guidance_scale=2.0",
+        "sampling.rollout_batch_size=8",
+        "grpo.group_size=4",
+        "grpo.samples_per_process=8",
+        "grpo.clip_range=0.2",
+        "grpo.micro_batch=8",
+        "optim.lr=1e-3",
+        "prompts.file=builtin:smoke",
+        "run.log_with=none",
+        "run.epochs=1",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]

@@ -1,0 +1,76 @@
+"""The command line: bad input gives one clear line and status 2, never a traceback."""
+
+import pytest
+
+from safediff.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("safediff: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_presets_and_config(capsys):
+    code, out, _ = run_cli(capsys, "presets")
+    assert code == 0 and "sd15-paper" in out
+    code, out, _ = run_cli(capsys, "config", "--preset", "sd15-lora-24gb", "grpo.group_size=8")
+    assert code == 0 and "group_size: 8" in out and "enabled: true" in out
+
+
+def test_unknown_override_key(capsys, tiny_overrides):
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, "grpo.gruop_size=3")
+    assert_one_line_error(code, err, "unknown config key 'grpo.gruop_size'")
+
+
+def test_missing_model_path(capsys, tiny_overrides, tmp_path):
+    missing = tmp_path / "no-such-model"
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, f"model.pretrained={missing}")
+    assert_one_line_error(code, err, str(missing))
+
+
+def test_missing_unet_weights(capsys, tiny_overrides, tmp_path):
+    missing = tmp_path / "checkpoint_epoch_3" / "diffusion_pytorch_model.safetensors"
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, f"model.unet_weights={missing}")
+    assert_one_line_error(code, err, "checkpoint_epoch_3")
+
+
+def test_empty_prompt_file(capsys, tiny_overrides, tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n# only a comment\n\n")
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, f"prompts.file={empty}")
+    assert_one_line_error(code, err, "no prompts")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_groups_must_divide_the_epoch(capsys, tiny_overrides):
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, "grpo.samples_per_process=6")
+    assert_one_line_error(code, err, "not a multiple of grpo.group_size")
+
+
+def test_unknown_reward_and_param(capsys, tiny_overrides):
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, "reward.name=nope")
+    assert_one_line_error(code, err, "nope")
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, "reward.params.taget=0.5")
+    assert_one_line_error(code, err, "taget")
+
+
+@pytest.mark.slow
+def test_train_runs_and_reports(capsys, tiny_overrides, tmp_path):
+    code, out, _ = run_cli(capsys, "train", *tiny_overrides, "run.epochs=2")
+    assert (
+        code == 0
+        and "reward" in out
+        and (tmp_path / "run" / "checkpoints" / "checkpoint-00002").is_dir()
+    )
+    code, _, err = run_cli(capsys, "train", *tiny_overrides, "run.epochs=2")
+    assert_one_line_error(code, err, "already has checkpoints")
+    code, out, _ = run_cli(capsys, "train", *tiny_overrides, "run.epochs=3", "--resume", "auto")
+    assert code == 0 and "trained epochs 2..2" in out

@@ -1,0 +1,163 @@
+"""Loading training prompts (builtin lists, text files, CSV files) and drawing epoch prompts."""
+
+import logging
+from collections import Counter
+
+import pytest
+import torch
+
+from safediff.errors import SafediffError
+from safediff.prompts import builtin_names, load_prompts, sample_prompts
+
+
+def test_builtin_smoke():
+    prompts = load_prompts("builtin:smoke")
+    assert len(prompts) == 16 and len(set(prompts)) == 16
+    assert all(p == p.strip() and p and not p.startswith("#") for p in prompts)
+    assert "smoke" in builtin_names()
+
+
+def test_unknown_builtin_lists_builtins():
+    with pytest.raises(
+        SafediffError, match=r"unknown builtin prompt list 'nope'; builtins: .*smoke"
+    ):
+        load_prompts("builtin:nope")
+
+
+def test_text_file_skips_blanks_and_comments(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text(
+        "# header comment\n a cat  \n\n   \n  # indented comment\r\na dog\r\nsalt # and pepper\n",
+        encoding="utf-8",
+    )
+    assert load_prompts(str(f)) == ["a cat", "a dog", "salt # and pepper"]
+
+
+def test_text_file_keeps_unicode_and_bom(tmp_path):
+    f = tmp_path / "u.txt"
+    f.write_bytes("\ufeffcafé au lait\n東京の夜景\n".encode())
+    assert load_prompts(str(f)) == ["café au lait", "東京の夜景"]
+
+
+def test_missing_file_and_folder(tmp_path):
+    missing = tmp_path / "none.txt"
+    with pytest.raises(SafediffError, match=r"prompt file not found: .*none\.txt"):
+        load_prompts(str(missing))
+    with pytest.raises(SafediffError, match="is a folder"):
+        load_prompts(str(tmp_path))
+
+
+def test_non_utf8_reports_line_and_offset(tmp_path):
+    f = tmp_path / "latin1.txt"
+    data = b"first\nsecond\ncaf\xe9\n"
+    f.write_bytes(data)
+    with pytest.raises(SafediffError) as err:
+        load_prompts(str(f))
+    msg = str(err.value)
+    offset = data.index(b"\xe9")
+    assert "latin1.txt" in msg and "line 3" in msg and f"byte offset {offset}" in msg
+    assert "\n" not in msg
+
+
+def test_empty_after_filtering(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("# only comments\n\n   \n", encoding="utf-8")
+    with pytest.raises(SafediffError, match=r"no prompts in .*empty\.txt"):
+        load_prompts(str(f))
+
+
+def test_csv_prompt_column(tmp_path):
+    f = tmp_path / "i2p.csv"
+    f.write_text(
+        'case_number,prompt,evaluation_seed\n0,"a dog, running",1\n1,  a cat ,2\n'
+        '2,"two\nlines",3\n',
+        encoding="utf-8",
+    )
+    assert load_prompts(str(f)) == ["a dog, running", "a cat", "two\nlines"]
+
+
+def test_csv_prefers_prompt_over_adv_prompt(tmp_path):
+    f = tmp_path / "both.csv"
+    f.write_text("adv_prompt,prompt\nadv,clean\n", encoding="utf-8")
+    assert load_prompts(str(f)) == ["clean"]
+
+
+def test_csv_adv_prompt_column(tmp_path):
+    f = tmp_path / "mma.CSV"
+    f.write_text("adv_prompt,target_prompt,clean_prompt\nx y z,t,c\nq r,t,c\n", encoding="utf-8")
+    assert load_prompts(str(f)) == ["x y z", "q r"]
+
+
+def test_csv_without_prompt_column_names_columns(tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("text,seed\nhello,1\n", encoding="utf-8")
+    with pytest.raises(SafediffError, match=r"bad\.csv: no 'prompt' or 'adv_prompt' column; "
+                       r"columns found: 'text', 'seed'"):  # fmt: skip
+        load_prompts(str(f))
+
+
+def test_csv_empty_rows_skipped_with_warning(tmp_path, caplog):
+    f = tmp_path / "gaps.csv"
+    f.write_text("prompt,seed\na boat,1\n,2\n  ,3\na tree,4\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="safediff.prompts"):
+        assert load_prompts(str(f)) == ["a boat", "a tree"]
+    # one warning with the count and the rows (numbered with the header as row 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "skipped 2 row(s)" in messages[0] and "rows 3, 4" in messages[0]
+    assert "gaps.csv" in messages[0]
+
+
+def test_csv_short_rows_and_all_empty(tmp_path, caplog):
+    f = tmp_path / "short.csv"
+    f.write_text("seed,prompt\n1\n2,\n", encoding="utf-8")
+    with (
+        caplog.at_level(logging.WARNING, logger="safediff.prompts"),
+        pytest.raises(SafediffError, match=r"no prompts in .*short\.csv"),
+    ):
+        load_prompts(str(f))
+    assert "skipped 2 row(s)" in caplog.records[0].getMessage()
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("prompt\n", encoding="utf-8")
+    with pytest.raises(SafediffError, match="no prompts in"):
+        load_prompts(str(header_only))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(SafediffError, match="no prompts in"):
+        load_prompts(str(empty))
+
+
+def test_csv_non_utf8(tmp_path):
+    f = tmp_path / "latin.csv"
+    f.write_bytes(b"prompt\nna\xefve\n")
+    with pytest.raises(SafediffError, match=r"latin\.csv: not UTF-8.*line 2, byte offset 9"):
+        load_prompts(str(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_prompts
+
+
+def test_sample_prompts_reproducible_and_in_range():
+    prompts = [f"p{i}" for i in range(5)]
+    a = sample_prompts(prompts, 200, torch.Generator().manual_seed(3))
+    b = sample_prompts(prompts, 200, torch.Generator().manual_seed(3))
+    c = sample_prompts(prompts, 200, torch.Generator().manual_seed(4))
+    assert a == b and a != c
+    assert all(isinstance(i, int) and 0 <= i < 5 for i in a)
+    # with replacement: 200 draws from 5 hit every index and repeat them
+    counts = Counter(a)
+    assert set(counts) == set(range(5)) and max(counts.values()) > 1
+    # the same as torch.randint with that generator
+    ref = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert a == ref
+
+
+def test_sample_prompts_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    assert sample_prompts(["only"], 3, g) == [0, 0, 0]
+    assert sample_prompts(["a", "b"], 0, g) == []
+    with pytest.raises(SafediffError):
+        sample_prompts([], 2, g)
+    with pytest.raises(ValueError):
+        sample_prompts(["a"], -1, g)

@@ -1,0 +1,189 @@
+"""GRPO trainer on the tiny offline pipeline: what a step changes, skips, checkpoints, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from safediff.config import load_config
+from safediff.models.loading import load_t2i_model
+from safediff.prompts import load_prompts
+from safediff.rewards.brightness import BrightnessReward
+from safediff.rl import checkpoint as ckpt
+from safediff.rl.trainer import GRPOTrainer, train
+
+
+class ConstReward:
+    name = "const"
+
+    def __call__(self, images, prompts, metadata=None):
+        return torch.full((images.shape[0],), 0.5)
+
+
+class NaNFirstReward(BrightnessReward):
+    """Brightness, but the first sample of every call is NaN."""
+
+    name = "nan-first"
+
+    def __call__(self, images, prompts, metadata=None):
+        r = super().__call__(images, prompts, metadata).clone()
+        r[0] = float("nan")
+        return r
+
+
+def make_trainer(overrides, reward=None):
+    cfg = load_config(None, overrides)
+    model = load_t2i_model(cfg.model, device="cpu")
+    frozen = {
+        name: {k: v.clone() for k, v in model.components[name].state_dict().items()}
+        for name in ("vae", "text_encoder")
+    }
+    trainer = GRPOTrainer(
+        cfg,
+        model,
+        reward or BrightnessReward(),
+        load_prompts(cfg.prompts.file),
+        Accelerator(cpu=True),
+    )
+    return trainer, model, frozen
+
+
+def test_one_step_changes_every_trainable_parameter_and_nothing_else(tiny_overrides):
+    trainer, model, frozen = make_trainer(tiny_overrides)
+    before = {n: p.detach().clone() for n, p in trainer.bare_unet().named_parameters()}
+    metrics = trainer.run_epoch(0)
+    assert metrics["groups/zero_spread_skipped"] == 0
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+    unchanged = [n for n, p in trainer.bare_unet().named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == [], f"parameters not updated: {unchanged[:5]}"
+    for name, state in frozen.items():
+        for k, v in model.components[name].state_dict().items():
+            assert torch.equal(v, state[k]), f"{name}.{k} changed"
+
+
+def test_lora_step_leaves_base_weights_untouched(tiny_overrides):
+    trainer, _, _ = make_trainer([*tiny_overrides, "lora.enabled=true", "lora.rank=2"])
+    unet = trainer.bare_unet()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    trainer.run_epoch(0)
+    trainer.run_epoch(1)
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad and not torch.equal(p, before[n]), (
+                f"adapter weight {n} did not change"
+            )
+        else:
+            assert not p.requires_grad and torch.equal(p, before[n]), f"base weight {n} changed"
+
+
+def test_zero_spread_groups_are_skipped_and_counted(tiny_overrides, caplog):
+    trainer, _, _ = make_trainer(tiny_overrides, reward=ConstReward())
+    before = {n: p.detach().clone() for n, p in trainer.bare_unet().named_parameters()}
+    with caplog.at_level("INFO"):
+        metrics = trainer.run_epoch(0)
+    assert metrics["groups/zero_spread_skipped"] == metrics["groups/total"] == 2
+    assert "every group was skipped" in caplog.text
+    assert all(torch.equal(p, before[n]) for n, p in trainer.bare_unet().named_parameters())
+
+
+def test_nan_reward_skips_its_group(tiny_overrides, caplog):
+    trainer, _, _ = make_trainer(tiny_overrides, reward=NaNFirstReward())
+    with caplog.at_level("INFO"):
+        metrics = trainer.run_epoch(0)
+    assert metrics["groups/nan_skipped"] == 1
+    assert "non-finite" in caplog.text
+    adv = trainer.last_advantages
+    assert torch.all(adv[:4] == 0) and torch.any(adv[4:] != 0)
+    assert math.isfinite(metrics["train/loss"])
+
+
+def test_same_seed_same_epoch(tiny_overrides):
+    a, _, _ = make_trainer(tiny_overrides)
+    b, _, _ = make_trainer(tiny_overrides)
+    a.run_epoch(0)
+    b.run_epoch(0)
+    assert torch.equal(a.last_rewards, b.last_rewards)
+    for (n, p), (_, q) in zip(
+        a.bare_unet().named_parameters(), b.bare_unet().named_parameters(), strict=True
+    ):
+        assert torch.equal(p, q), n
+
+
+def test_kl_to_reference_is_logged_and_finite(tiny_overrides):
+    trainer, _, _ = make_trainer([*tiny_overrides, "grpo.kl_coef=0.1", "grpo.inner_epochs=2"])
+    metrics = trainer.run_epoch(0)
+    assert math.isfinite(metrics["train/kl"]) and metrics["train/kl"] > 0
+
+
+def _perf_free(lines):
+    out = []
+    for line in lines:
+        m = json.loads(line)
+        out.append({k: v for k, v in m.items() if not k.startswith("perf/")})
+    return out
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tiny_overrides, tmp_path):
+    common = [
+        o
+        for o in tiny_overrides
+        if not o.startswith("run.output_dir") and not o.startswith("run.epochs")
+    ]
+    common += ["run.epochs=4", "run.save_every=1", "run.keep_last=2"]
+    full = load_config(None, [*common, f"run.output_dir={tmp_path / 'full'}"])
+    train(full)
+    part = load_config(
+        None, [*common, f"run.output_dir={tmp_path / 'part'}", "run.stop_after_epochs=2"]
+    )
+    first = train(part)
+    assert first["end_epoch"] == 2
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part")] == [
+        "checkpoint-00001",
+        "checkpoint-00002",
+    ]
+    # an epoch logged after the last checkpoint (a crash mid-way) must be dropped on resume
+    with (tmp_path / "part" / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"epoch": 2.0, "bogus": 1.0}) + "\n")
+    resumed = load_config(None, [*common, f"run.output_dir={tmp_path / 'part'}"])
+    second = train(resumed, resume="auto")
+    assert second["start_epoch"] == 2 and second["end_epoch"] == 4
+    w_full = (
+        ckpt.checkpoint_dir(tmp_path / "full", 4) / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    w_part = (
+        ckpt.checkpoint_dir(tmp_path / "part", 4) / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(w_full)), load_file(str(w_part))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la = _perf_free((tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+    lb = _perf_free((tmp_path / "part" / "metrics.jsonl").read_text().splitlines())
+    assert len(la) == len(lb) == 4
+    for ma, mb in zip(la, lb, strict=True):
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            if math.isnan(ma[k]):
+                assert math.isnan(mb[k])
+            else:
+                assert ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-7), k
+    # a fresh run into a folder that has checkpoints is refused
+    from safediff.errors import SafediffError
+
+    with pytest.raises(SafediffError, match="already has checkpoints"):
+        train(resumed)
+
+
+@pytest.mark.slow
+def test_resume_with_changed_settings_is_refused(tiny_overrides, tmp_path):
+    cfg = load_config(None, tiny_overrides)
+    train(cfg)
+    changed = load_config(None, [*tiny_overrides, "grpo.group_size=8"])
+    from safediff.errors import SafediffError
+
+    with pytest.raises(SafediffError, match="grpo.group_size was 4, now 8"):
+        train(changed, resume="auto")
