@@ -187,3 +187,24 @@ def test_resume_with_changed_settings_is_refused(tiny_overrides, tmp_path):
 
     with pytest.raises(SafediffError, match="grpo.group_size was 4, now 8"):
         train(changed, resume="auto")
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_overrides):
+    plain, _, _ = make_trainer(tiny_overrides)
+    ckpt_on, _, _ = make_trainer([*tiny_overrides, "run.gradient_checkpointing=true"])
+    assert ckpt_on.bare_unet().is_gradient_checkpointing
+    plain.run_epoch(0)
+    ckpt_on.run_epoch(0)
+    for (n, p), (_, q) in zip(
+        plain.bare_unet().named_parameters(), ckpt_on.bare_unet().named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_tensorboard_events_are_written(tiny_overrides, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = load_config(None, [*tiny_overrides, "run.log_with=tensorboard"])
+    train(cfg)
+    events = list((tmp_path / "run").rglob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
