@@ -96,3 +96,12 @@ def test_missing_preset_and_file(tmp_path):
     bad.write_text("grpo: [1, 2\n")
     with pytest.raises(SafediffError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_param_overrides_merge_into_the_preset_params():
+    cfg = load_config(
+        "sd15-paper", ["reward.params.alpha=0.7", "reward.params.encoder=hf-clip:/w/clip"]
+    )
+    assert cfg.reward.params["alpha"] == 0.7
+    assert cfg.reward.params["encoder"] == "hf-clip:/w/clip"
+    assert cfg.reward.params["anchors"] == "compact"

@@ -208,3 +208,24 @@ def test_tensorboard_events_are_written(tiny_overrides, tmp_path):
     train(cfg)
     events = list((tmp_path / "run").rglob("events.out.tfevents*"))
     assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_grpo_epoch_with_the_steering_reward(tiny_overrides, tmp_path):
+    from safediff.rewards.encoders.tiny import save_tiny_hf_clip
+
+    folder = save_tiny_hf_clip(tmp_path / "clip")
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides,
+            "reward.name=steering",
+            f"reward.params.encoder=hf-clip:{folder}",
+            "reward.params.anchors=compact",
+            "reward.params.alpha=0.5",
+        ],
+    )
+    summary = train(cfg)
+    metrics = summary["history"][0]
+    assert math.isfinite(metrics["reward_mean/all"]) and metrics["reward_std/all"] > 0
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0

@@ -6,6 +6,7 @@ checks the params against the builder's signature so a typo fails before any mod
 Plug-ins add themselves with `register_reward`.
 """
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +17,19 @@ from safediff.config import RewardConfig
 from safediff.errors import SafediffError
 from safediff.rewards.base import RewardFn
 from safediff.rewards.brightness import BrightnessReward
+from safediff.rewards.clip_rewards import (
+    build_alignment_reward,
+    build_steering_reward,
+    build_weighted_reward,
+)
 
 REWARD_BUILDERS: dict[str, Callable[..., RewardFn]] = {
     "brightness": BrightnessReward,
+    "steering": build_steering_reward,
+    "alignment": build_alignment_reward,
 }
+# A weighted sum may name any registered reward (plug-ins included) as a component.
+REWARD_BUILDERS["weighted"] = functools.partial(build_weighted_reward, builders=REWARD_BUILDERS)
 
 
 def register_reward(name: str, builder: Callable[..., RewardFn]) -> None:

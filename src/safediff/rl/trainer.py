@@ -93,7 +93,7 @@ def flat_config(cfg: TrainConfig) -> dict[str, Any]:
 class GRPOTrainer:
     """Runs GRPO on `model.unet` with `reward`, under an accelerate `Accelerator`.
 
-    The model, reward and prompts are built by the caller (see `safediff.rl.run.train`), so the
+    The model, reward and prompts are built by the caller (see `train` below), so the
     trainer takes plain objects and can be driven from tests with tiny models.
     """
 
@@ -350,6 +350,8 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if hasattr(self.reward, "clear_cache"):
+            self.reward.clear_cache()  # prompt targets are cached per epoch
         traj, prompts, prompt_embeds, negative = self.rollout_epoch(epoch)
         t_rollout = time.perf_counter() - t0
         _local_rewards, all_rewards = self.score(traj, prompts)
