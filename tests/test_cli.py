@@ -74,3 +74,40 @@ def test_train_runs_and_reports(capsys, tiny_overrides, tmp_path):
     assert_one_line_error(code, err, "already has checkpoints")
     code, out, _ = run_cli(capsys, "train", *tiny_overrides, "run.epochs=3", "--resume", "auto")
     assert code == 0 and "trained epochs 2..2" in out
+
+
+@pytest.mark.slow
+def test_eval_generates_then_scores_and_reports(capsys, tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed\n7,a cat on a sofa,3\n9,a red bus,4\n")
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        "tiny-sd",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--nudenet",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["7_0.png", "9_0.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "nudenet-v3/exposed9@0.6" in summary["scores"]
+    assert "nudenet-v3/exposed9@0.6" in stdout
+    code, _, err = run_cli(
+        capsys, "eval", "--model", "tiny-sd", "--prompts", str(prompts), "--out", str(out)
+    )
+    assert_one_line_error(code, err, "choose at least one scorer")
+    code, _, err = run_cli(capsys, "report", str(out), "--out", str(tmp_path / "report"))
+    assert code == 0, err
+    assert "nudenet-v3/exposed9@0.6" in (tmp_path / "report" / "report.html").read_text()

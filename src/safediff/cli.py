@@ -7,6 +7,11 @@ import sys
 import yaml
 
 from safediff.errors import SafediffError
+from safediff.eval.eval_cmd import add_eval_parser
+from safediff.eval.generate import add_generate_parser
+from safediff.eval.report import add_report_parser
+from safediff.eval.score import add_score_parser
+from safediff.steer_tool import add_steer_parser
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -80,13 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from safediff.steer_tool import add_steer_parser
-    except ImportError:  # the steering tool is optional until its module lands
-        pass
-    else:
-        add_steer_parser(sub)
+    add_steer_parser(sub)
+    add_generate_parser(sub)
+    add_score_parser(sub)
+    add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
+
+
+def _route_library_logs() -> None:
+    """Send diffusers' and transformers' logs through our root handler (one format, one stream)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_warning()
+        lib.disable_default_handler()
+        lib.enable_propagation()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # rebind to the current stderr on every call (main() may run many times)
     )
+    _route_library_logs()
     try:
         return int(args.func(args))
     except SafediffError as err:

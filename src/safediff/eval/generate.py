@@ -1,0 +1,554 @@
+"""Generate the images of an evaluation prompt set: `generate()` and `safediff generate`.
+
+Layout of an output folder:
+
+    OUT/images/<name>.png   one file per image; <name> = case number + "_<k>" (see `image_stem`)
+    OUT/generation.jsonl    one JSON record per image (name, file, prompt, seed, guidance, width,
+                            height, case_number, categories, row, k, extra), by row then k
+    OUT/run.json            model, sampler settings, seed rule, counts, safediff version
+
+Protocol (as in the papers' evaluation scripts, one difference named below):
+- sampler: DDIM with `num_steps` steps and stochasticity `eta` (default 0: deterministic DDIM),
+  classifier-free guidance with `negative_prompt` (default "", the unconditional prompt), through
+  safediff's own `rollout()`, the sampler GRPO trains;
+- per row: its own seed, guidance and size are honoured; rows without them take `default_seed +
+  row.index`, `default_guidance` and the model's default resolution;
+- seeds: image k of a row starts from CPU generator seed `row_seed + k`, drawing x_T and then one
+  z per step. The reference scripts seed one generator per *batch*; here every image owns its
+  generator, so an image does not depend on batch size, process count, device or resume.
+  (So image 1 of row i shares its noise with image 0 of a row whose seed is row_seed + 1; with
+  default seeds that is row i + 1. Images are still deterministic functions of (prompt, seed).)
+- batching: rows are grouped by (guidance, width, height) and each group is sampled in batches of
+  `batch_size`, so a row's size and guidance never leak into another row's batch.
+
+Resume: an image already on disk is kept when it decodes (PIL verify + load), has the expected size
+and carries the same generation metadata (a PNG text chunk "safediff": prompt, negative prompt,
+seed, guidance, size, steps, eta, model); anything else (missing, truncated, corrupt, made with
+other settings) is regenerated. Files are written to a temporary name and renamed (os.replace),
+so an interrupted run never leaves a half-written PNG under its final name.
+
+Distributed (accelerate / torchrun): process r of W takes rows at positions i with i % W == r and
+writes its own images; after a barrier the main process writes generation.jsonl and run.json. Since
+every image owns its generator, W processes produce the same files as one.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+import safediff
+from safediff.errors import SafediffError
+from safediff.eval.prompt_sets import FORMATS, PromptRow
+from safediff.models.base import T2IModel
+from safediff.sampling.rollout import rollout
+from safediff.seeding import generator
+
+logger = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+RECORDS_FILE = "generation.jsonl"
+RUN_FILE = "run.json"
+METADATA_KEY = "safediff"
+_SAFE_STEM = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to produce: row, image number k within the row, and its resolved settings."""
+
+    row: PromptRow
+    k: int
+    name: str
+    seed: int
+    guidance: float
+    width: int
+    height: int
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` did.
+
+    out_dir: the output folder. records: one dict per image of the whole set (all processes),
+    as written to generation.jsonl. generated: images sampled by this call, over all processes.
+    skipped: images found complete on disk and kept. seconds: wall time of this process.
+    """
+
+    out_dir: Path
+    records: list[dict[str, Any]]
+    generated: int
+    skipped: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and names
+
+
+def vae_factor(model: T2IModel) -> int:
+    """Pixels per latent cell: the VAE's downsampling (8 for SD), or 1 without a VAE component."""
+    vae = model.components.get("vae")
+    if vae is None:
+        return 1
+    from safediff.models.stable_diffusion import vae_scale_factor
+
+    return vae_scale_factor(vae)
+
+
+def default_size(model: T2IModel) -> tuple[int, int]:
+    """(width, height) in pixels of the model's default resolution."""
+    _, h, w = model.latent_shape
+    f = vae_factor(model)
+    return w * f, h * f
+
+
+def latent_shape_for(model: T2IModel, width: int, height: int) -> tuple[int, int, int]:
+    """(C, height // f, width // f): the latent of a width x height image (f = VAE factor).
+
+    Raises SafediffError when a side is not a positive multiple of f.
+    """
+    f = vae_factor(model)
+    if width <= 0 or height <= 0 or width % f or height % f:
+        raise SafediffError(
+            f"image size {width}x{height} does not fit model {model.source!r}: width and height "
+            f"must be positive multiples of its VAE factor {f}"
+        )
+    return (model.latent_shape[0], height // f, width // f)
+
+
+def image_stem(row: PromptRow) -> str:
+    """The file stem of a row's images: its case number when that is 1-64 characters of
+    [A-Za-z0-9_-], else its index. Never built from prompt text."""
+    if row.case_number is not None and _SAFE_STEM.match(row.case_number):
+        return row.case_number
+    return str(row.index)
+
+
+def plan_jobs(
+    model: T2IModel,
+    rows: Sequence[PromptRow],
+    *,
+    default_seed: int,
+    default_guidance: float,
+    images_per_prompt: int,
+) -> list[ImageJob]:
+    """Every image of `rows` with its resolved seed, guidance and size, by row then k.
+
+    Raises SafediffError naming the rows when two rows would share a file name (compared
+    case-insensitively) or a row's size does not fit the model.
+    """
+    dw, dh = default_size(model)
+    jobs: list[ImageJob] = []
+    stems: dict[str, PromptRow] = {}
+    for row in rows:
+        stem = image_stem(row)
+        other = stems.get(stem.lower())
+        if other is not None:
+            raise SafediffError(
+                f"rows {other.index} and {row.index} would both write images/{stem}_*.png "
+                f"(case numbers {other.case_number!r}, {row.case_number!r}); make case numbers "
+                "unique"
+            )
+        stems[stem.lower()] = row
+        width, height = row.width or dw, row.height or dh
+        try:
+            latent_shape_for(model, width, height)
+        except SafediffError as err:
+            raise SafediffError(f"row {row.index} (case {row.case_number}): {err}") from None
+        row_seed = row.seed if row.seed is not None else default_seed + row.index
+        guidance = row.guidance if row.guidance is not None else default_guidance
+        for k in range(images_per_prompt):
+            jobs.append(
+                ImageJob(row, k, f"{stem}_{k}", row_seed + k, float(guidance), width, height)
+            )
+    return jobs
+
+
+def job_record(job: ImageJob) -> dict[str, Any]:
+    """The generation.jsonl record of one image."""
+    return {
+        "name": job.name,
+        "file": f"{IMAGES_DIR}/{job.name}.png",
+        "prompt": job.row.prompt,
+        "seed": job.seed,
+        "guidance": job.guidance,
+        "width": job.width,
+        "height": job.height,
+        "case_number": job.row.case_number,
+        "categories": list(job.row.categories),
+        "row": job.row.index,
+        "k": job.k,
+        "extra": dict(job.row.extra),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _metadata(job: ImageJob, settings: Mapping[str, Any]) -> str:
+    """The PNG text chunk that ties a file to what made it (compared verbatim on resume)."""
+    meta = {
+        "prompt": job.row.prompt,
+        "seed": job.seed,
+        "guidance": job.guidance,
+        "width": job.width,
+        "height": job.height,
+        **settings,
+    }
+    return json.dumps(meta, sort_keys=True, ensure_ascii=True)
+
+
+def is_complete(path: Path, width: int, height: int, metadata: str | None = None) -> bool:
+    """True when `path` is a readable RGB PNG of width x height (and carries `metadata`)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+            if im.format != "PNG" or im.mode != "RGB" or im.size != (width, height):
+                return False
+            return metadata is None or im.text.get(METADATA_KEY) == metadata
+    except Exception:  # any decoding failure (OSError, SyntaxError, struct.error...): regenerate
+        return False
+
+
+def save_png_atomic(image: Image.Image, path: Path, metadata: str | None = None) -> None:
+    """Write `image` as PNG to a temporary file beside `path`, then rename it into place."""
+    info = None
+    if metadata is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, metadata)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8 on the CPU (x * 255, rounded)."""
+    return (
+        (images.detach().float().clamp(0, 1) * 255)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(
+    model: T2IModel,
+    rows: Sequence[PromptRow],
+    out_dir: str | Path,
+    *,
+    default_seed: int = 0,
+    default_guidance: float = 7.5,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    batch_size: int = 8,
+    images_per_prompt: int = 1,
+    negative_prompt: str = "",
+    accelerator: Any = None,
+    progress: bool = True,
+    run_info: Mapping[str, Any] | None = None,
+) -> GenerationResult:
+    """Sample `images_per_prompt` images per row and write them under `out_dir` (module docstring).
+
+    model: on its device (the UNet's parameters give it). rows: e.g. `load_prompt_set(...).rows`.
+    accelerator: an `accelerate.Accelerator` to split rows across processes, or None (one process).
+    run_info: extra entries for run.json (e.g. the model spec and prompt file as given).
+    Returns a `GenerationResult`; every process returns the same records and counts.
+    """
+    if num_steps < 1 or batch_size < 1 or images_per_prompt < 1:
+        raise SafediffError(
+            "num_steps, batch_size and images_per_prompt must be >= 1, got "
+            f"{num_steps}, {batch_size}, {images_per_prompt}"
+        )
+    if not rows:
+        raise SafediffError("no prompt rows to generate")
+    out_dir = Path(out_dir)
+    rank, world = (
+        (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    )
+    is_main = rank == 0
+    jobs = plan_jobs(
+        model,
+        rows,
+        default_seed=default_seed,
+        default_guidance=default_guidance,
+        images_per_prompt=images_per_prompt,
+    )
+    settings = {
+        "negative_prompt": negative_prompt,
+        "steps": num_steps,
+        "eta": float(eta),
+        "model": model.source,
+    }
+    images_dir = out_dir / IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    position = {row.index: i for i, row in enumerate(rows)}
+    mine = [j for j in jobs if position[j.row.index] % world == rank]
+    todo = [
+        j
+        for j in mine
+        if not is_complete(images_dir / f"{j.name}.png", j.width, j.height, _metadata(j, settings))
+    ]
+    skipped = len(mine) - len(todo)
+    if skipped and is_main:
+        logger.info("%d image(s) already in %s are kept", skipped, images_dir)
+    _sample_jobs(model, todo, images_dir, settings, batch_size, progress and is_main)
+    seconds = time.perf_counter() - start
+
+    generated, skipped = len(todo), skipped
+    if accelerator is not None:
+        from accelerate.utils import gather_object
+
+        counts = gather_object([(generated, skipped)])
+        generated, skipped = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        accelerator.wait_for_everyone()  # every image is on disk before the records say so
+
+    records = [job_record(j) for j in jobs]
+    if is_main:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        _write_text_atomic(out_dir / RECORDS_FILE, text)
+        run = {
+            "safediff_version": safediff.__version__,
+            "model": model.source,
+            **dict(run_info or {}),
+            "sampler": "ddim",
+            "num_steps": num_steps,
+            "eta": float(eta),
+            "negative_prompt": negative_prompt,
+            "default_seed": default_seed,
+            "default_guidance": float(default_guidance),
+            "default_size": list(default_size(model)),
+            "images_per_prompt": images_per_prompt,
+            "seed_rule": "image k of a row: CPU generator seeded row_seed + k; "
+            "row_seed = the row's seed, else default_seed + row index",
+            "batch_size": batch_size,
+            "world_size": world,
+            "rows": len(rows),
+            "images": len(records),
+            "generated": generated,
+            "skipped": skipped,
+            "seconds": round(seconds, 3),
+        }
+        _write_text_atomic(out_dir / RUN_FILE, json.dumps(run, indent=1, ensure_ascii=False) + "\n")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return GenerationResult(out_dir, records, generated, skipped, seconds)
+
+
+def _sample_jobs(
+    model: T2IModel,
+    jobs: list[ImageJob],
+    images_dir: Path,
+    settings: Mapping[str, Any],
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Sample `jobs` grouped by (guidance, width, height), `batch_size` at a time; save PNGs."""
+    if not jobs:
+        return
+    device = next(model.unet.parameters()).device
+    negative = model.encode_text([settings["negative_prompt"]], device)  # [1, L, D]
+    groups: dict[tuple[float, int, int], list[ImageJob]] = {}
+    for job in jobs:
+        groups.setdefault((job.guidance, job.width, job.height), []).append(job)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="generate", unit="img")
+    for (guidance, width, height), group in groups.items():
+        view = dataclasses.replace(model, latent_shape=latent_shape_for(model, width, height))
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            cond = model.encode_text([j.row.prompt for j in batch], device)  # [B, L, D]
+            traj = rollout(
+                view,
+                cond,
+                negative,
+                [generator(j.seed) for j in batch],
+                num_steps=int(settings["steps"]),
+                eta=float(settings["eta"]),
+                guidance_scale=guidance,
+                batch_size=len(batch),
+                decode=True,
+            )
+            assert traj.images is not None
+            pixels = to_uint8(traj.images).numpy()  # [B, H, W, 3]
+            for job, array in zip(batch, pixels, strict=True):
+                save_png_atomic(
+                    Image.fromarray(array, mode="RGB"),
+                    images_dir / f"{job.name}.png",
+                    _metadata(job, settings),
+                )
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="'tiny-sd', 'vanilla' (+ --base), a pipeline folder, a safediff checkpoint folder, "
+        "a bare UNet .safetensors (+ --base) or a hub id",
+    )
+    p.add_argument("--base", help="base pipeline (hub id or folder) for bare UNets and 'vanilla'")
+    p.add_argument(
+        "--prompts", required=True, help="prompt set: .csv (I2P, MMA, COCO, CoPro) or .txt"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (images/, generation.jsonl, run.json)"
+    )
+    p.add_argument("--format", default="auto", choices=FORMATS, help="prompt set format")
+    p.add_argument("--prompt-column", help="CSV column holding the prompt (overrides the format's)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the prompt file")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="longer prompts are skipped")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale for rows without one")
+    p.add_argument("--seed", type=int, default=0, help="rows without a seed use SEED + row index")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per row (seeds +k)")
+    p.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="precision of the VAE and text encoder (the UNet stays float32)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `safediff generate` to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate the images of a prompt set (resumable, multi-process)",
+        description="Generate the images of an evaluation prompt set with per-row seeds, "
+        "guidance and sizes; resumable; run under torchrun / accelerate launch to split rows.",
+    )
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`safediff generate`: parse the spec, read the prompts, load the model, generate."""
+    from safediff.eval.model_spec import parse_model_spec
+    from safediff.eval.prompt_sets import load_prompt_set
+    from safediff.models.loading import load_t2i_model
+
+    if args.limit is not None and args.limit < 1:
+        raise SafediffError(f"--limit must be >= 1, got {args.limit}")
+    cfg = parse_model_spec(args.model, args.base)
+    pset = load_prompt_set(
+        args.prompts,
+        fmt=args.format,
+        prompt_column=args.prompt_column,
+        max_prompt_chars=args.max_prompt_chars,
+        encoding=args.encoding,
+    )
+    rows = list(pset.rows[: args.limit] if args.limit else pset.rows)
+
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=args.device == "cpu")
+        device = accelerator.device
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = load_t2i_model(cfg, device=device, dtype=dtype[args.dtype])
+    result = generate(
+        model,
+        rows,
+        Path(args.out),
+        default_seed=args.seed,
+        default_guidance=args.guidance,
+        num_steps=args.steps,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        images_per_prompt=args.images_per_prompt,
+        negative_prompt=args.negative_prompt,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+        run_info={
+            "model_spec": args.model,
+            "base": args.base,
+            "prompts": args.prompts,
+            "prompt_format": pset.format,
+            "limit": args.limit,
+            "dtype": args.dtype,
+        },
+    )
+    if accelerator is None or accelerator.is_main_process:
+        print(
+            f"{len(result.records)} images of {len(rows)} {pset.format} prompts in {args.out}: "
+            f"{result.generated} generated ({result.images_per_second:.2f} images/s), "
+            f"{result.skipped} already on disk"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m safediff.eval.generate ...` (same options as `safediff generate`)."""
+    parser = argparse.ArgumentParser(prog="safediff-generate", description=__doc__.splitlines()[0])
+    add_generate_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return run_generate(args)
+    except SafediffError as err:
+        print(f"safediff generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Turn the `--model` argument of evaluation commands into a `ModelConfig`.
+
+The reference's one-shot evaluation script accepts three checkpoint forms: a checkpoint folder, a
+bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus what
+`load_t2i_model` loads directly:
+
+- "tiny-sd" / "tiny-sd-v": the offline tiny SD (tests, smoke runs);
+- "vanilla": the base model itself; needs `base` (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5);
+- a local diffusers pipeline folder (model_index.json): loaded as is;
+- a checkpoint folder written by safediff's trainer (checkpoints/checkpoint-N, holding unet/):
+  its UNet on top of the base model named in the run's config.yaml two levels up (a `base` given
+  explicitly wins, with a warning when they differ);
+- a bare UNet .safetensors file, or a folder holding diffusion_pytorch_model.safetensors (the
+  reference's checkpoint_epoch_N/): needs `base`;
+- anything else that is not a path: a Hugging Face hub id.
+No default base is assumed: evaluating a UNet on the wrong base gives silently wrong numbers, so a
+missing `base` is an error that suggests one. Errors name the path.
+"""
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from safediff.config import ModelConfig
+from safediff.errors import SafediffError
+from safediff.models.loading import TINY_MODELS, UNET_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+SUGGESTED_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def parse_model_spec(spec: str, base: str | None = None) -> ModelConfig:
+    """The `ModelConfig` that `spec` (see the module docstring) names; nothing is loaded.
+
+    base: the base pipeline (hub id or folder) for bare UNets and 'vanilla'; for a trainer
+        checkpoint it overrides the run's config.yaml; ignored (with a warning) for full models.
+    Raises SafediffError (one line, naming the path) when the spec cannot be resolved.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise SafediffError(
+            "empty model spec; pass 'tiny-sd', 'vanilla', a folder, a file or a hub id"
+        )
+    if spec in TINY_MODELS:
+        _ignore_base(spec, base)
+        return ModelConfig(pretrained=spec)
+    if spec == "vanilla":
+        return ModelConfig(pretrained=_need_base(spec, base, "'vanilla' means the base model"))
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _from_file(path, base)
+    if path.is_dir():
+        return _from_folder(path, base)
+    if _looks_like_path(spec):
+        raise SafediffError(f"model not found: {path.resolve()} (no such file or folder)")
+    _ignore_base(spec, base)
+    return ModelConfig(pretrained=spec)  # a hub id, checked when loaded
+
+
+def _from_file(path: Path, base: str | None) -> ModelConfig:
+    where = path.resolve()
+    if where.suffix != ".safetensors":
+        raise SafediffError(
+            f"model file {where} is not a .safetensors UNet (pickled .bin/.ckpt/.pt files are not "
+            "loaded); convert it with safetensors.torch.save_file or pass a pipeline folder"
+        )
+    pretrained = _need_base(str(where), base, "a bare UNet file holds only the UNet")
+    return ModelConfig(pretrained=pretrained, unet_weights=str(where))
+
+
+def _from_folder(path: Path, base: str | None) -> ModelConfig:
+    where = path.resolve()
+    if (where / "model_index.json").is_file():
+        _ignore_base(str(where), base)
+        return ModelConfig(pretrained=str(where))
+    if (where / "trainer_state.json").is_file() or (where / "unet" / UNET_WEIGHTS_NAME).is_file():
+        return _from_checkpoint(where, base)
+    if (where / UNET_WEIGHTS_NAME).is_file():
+        if (where.parent / "trainer_state.json").is_file():  # the unet/ folder of a checkpoint
+            return _from_checkpoint(where.parent, base)
+        pretrained = _need_base(str(where), base, "a UNet weights folder holds only the UNet")
+        return ModelConfig(pretrained=pretrained, unet_weights=str(where))
+    raise SafediffError(
+        f"{where} is not a model folder: expected a diffusers pipeline (model_index.json), a "
+        f"safediff checkpoint (unet/{UNET_WEIGHTS_NAME}) or a bare UNet ({UNET_WEIGHTS_NAME})"
+    )
+
+
+def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
+    unet_dir = ckpt / "unet"
+    if not (unet_dir / UNET_WEIGHTS_NAME).is_file():
+        if (ckpt / "lora").is_dir():
+            raise SafediffError(
+                f"checkpoint {ckpt} holds a LoRA adapter (lora/), which model specs do not load "
+                "yet; merge it into the UNet and save the UNet as .safetensors"
+            )
+        raise SafediffError(f"checkpoint {ckpt} has no unet/{UNET_WEIGHTS_NAME}")
+    run_model = _run_model_config(ckpt.parent.parent / "config.yaml")
+    if base is None:
+        if run_model is None:
+            raise SafediffError(
+                f"checkpoint {ckpt}: no run config.yaml found two levels up to name its base "
+                f"model; pass --base (e.g. --base {SUGGESTED_BASE})"
+            )
+        return ModelConfig(
+            pretrained=run_model["pretrained"],
+            unet_weights=str(unet_dir),
+            revision=run_model.get("revision"),
+            resolution=run_model.get("resolution"),
+        )
+    if run_model is not None and run_model["pretrained"] != base:
+        logger.warning(
+            "checkpoint %s was trained on %r; evaluating it on --base %r as asked",
+            ckpt,
+            run_model["pretrained"],
+            base,
+        )
+    resolution = run_model.get("resolution") if run_model is not None else None
+    return ModelConfig(pretrained=base, unet_weights=str(unet_dir), resolution=resolution)
+
+
+def _run_model_config(config_file: Path) -> dict | None:
+    """The `model` section of a run's config.yaml, or None when there is no such file."""
+    if not config_file.is_file():
+        return None
+    try:
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SafediffError(f"{config_file}: not a readable YAML run config ({err})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("pretrained"), str):
+        raise SafediffError(f"{config_file}: no model.pretrained in this run config")
+    return model
+
+
+def _need_base(what: str, base: str | None, why: str) -> str:
+    if base is None or not base.strip():
+        raise SafediffError(
+            f"{what}: {why}; pass the base model it belongs to with --base "
+            f"(e.g. --base {SUGGESTED_BASE})"
+        )
+    return base.strip()
+
+
+def _ignore_base(spec: str, base: str | None) -> None:
+    if base is not None:
+        logger.warning("--base %r is ignored: %s is a complete model", base, spec)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A spec that cannot be a hub id ('org/name') is a path the user expected to exist."""
+    return (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith(("/", ".safetensors", ".bin", ".ckpt", ".pt"))
+    )
