@@ -76,10 +76,14 @@ def test_csv_prompt_column(tmp_path):
     assert load_prompts(str(f)) == ["a dog, running", "a cat", "two\nlines"]
 
 
-def test_csv_prefers_prompt_over_adv_prompt(tmp_path):
+def test_csv_with_adv_prompt_reads_like_the_evaluation_loader(tmp_path):
+    # one CSV convention for training and evaluation: an adv_prompt column marks an
+    # MMA-Diffusion file, whose prompt is the adversarial one
+    from safediff.eval.prompt_sets import load_prompt_set
+
     f = tmp_path / "both.csv"
     f.write_text("adv_prompt,prompt\nadv,clean\n", encoding="utf-8")
-    assert load_prompts(str(f)) == ["clean"]
+    assert load_prompts(str(f)) == [r.prompt for r in load_prompt_set(f).rows] == ["adv"]
 
 
 def test_csv_adv_prompt_column(tmp_path):
@@ -91,7 +95,7 @@ def test_csv_adv_prompt_column(tmp_path):
 def test_csv_without_prompt_column_names_columns(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("text,seed\nhello,1\n", encoding="utf-8")
-    with pytest.raises(SafediffError, match=r"bad\.csv: no 'prompt' or 'adv_prompt' column; "
+    with pytest.raises(SafediffError, match=r"bad\.csv: no prompt column .*'adv_prompt'.*; "
                        r"columns found: 'text', 'seed'"):  # fmt: skip
         load_prompts(str(f))
 
@@ -99,12 +103,12 @@ def test_csv_without_prompt_column_names_columns(tmp_path):
 def test_csv_empty_rows_skipped_with_warning(tmp_path, caplog):
     f = tmp_path / "gaps.csv"
     f.write_text("prompt,seed\na boat,1\n,2\n  ,3\na tree,4\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="safediff.prompts"):
+    with caplog.at_level(logging.WARNING):
         assert load_prompts(str(f)) == ["a boat", "a tree"]
     # one warning with the count and the rows (numbered with the header as row 1)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1
-    assert "skipped 2 row(s)" in messages[0] and "rows 3, 4" in messages[0]
+    assert "skipped 2 row(s)" in messages[0] and "row 3" in messages[0] and "row 4" in messages[0]
     assert "gaps.csv" in messages[0]
 
 
@@ -130,7 +134,7 @@ def test_csv_short_rows_and_all_empty(tmp_path, caplog):
 def test_csv_non_utf8(tmp_path):
     f = tmp_path / "latin.csv"
     f.write_bytes(b"prompt\nna\xefve\n")
-    with pytest.raises(SafediffError, match=r"latin\.csv: not UTF-8.*line 2, byte offset 9"):
+    with pytest.raises(SafediffError, match=r"latin\.csv: not valid utf-8.*line 2, byte offset 9"):
         load_prompts(str(f))
 
 

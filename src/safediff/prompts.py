@@ -2,16 +2,15 @@
 
 A prompt spec is one of
 - 'builtin:NAME': a list shipped with safediff (src/safediff/data/prompts/NAME.txt);
-- a path ending in .csv: the 'prompt' column (or 'adv_prompt', as in MMA-Diffusion, when there is
-  no 'prompt' column); rows with an empty prompt are skipped and counted in a logged warning;
+- a path ending in .csv: the prompt column of any convention the evaluation loader reads
+  (`safediff.eval.prompt_sets`: I2P, MMA-Diffusion's adv_prompt, COCO, CoPro, a plain 'prompt'
+  column); rows with an empty prompt are skipped and counted in a logged warning;
 - any other path: a UTF-8 text file, one prompt per line; blank lines and lines whose first
   non-blank character is '#' are skipped.
 Prompts are stripped of leading and trailing whitespace. Errors are `SafediffError`s that name the
 file (and the line or row where there is one).
 """
 
-import csv
-import io
 import logging
 from collections.abc import Sequence
 from importlib import resources
@@ -24,8 +23,6 @@ from safediff.errors import SafediffError
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-CSV_COLUMNS = ("prompt", "adv_prompt")
-"""Prompt columns tried in order."""
 
 
 def builtin_names() -> list[str]:
@@ -56,10 +53,9 @@ def load_prompts(spec: str) -> list[str]:
             f"prompt file {what}: {spec} (give a .txt/.csv file or builtin:NAME; "
             f"builtins: {', '.join(builtin_names())})"
         )
-    text = _decode(path.read_bytes(), spec)
     if path.suffix.lower() == ".csv":
-        return _parse_csv(text, spec)
-    return _parse_text(text, spec)
+        return _parse_csv(path)
+    return _parse_text(_decode(path.read_bytes(), spec), spec)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -85,47 +81,11 @@ def _parse_text(text: str, source: str) -> list[str]:
     return prompts
 
 
-def _parse_csv(text: str, source: str) -> list[str]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise SafediffError(f"no prompts in {source} (the CSV file is empty)")
-        columns = [c.strip() for c in header]
-        column = next((c for c in CSV_COLUMNS if c in columns), None)
-        if column is None:
-            raise SafediffError(
-                f"{source}: no 'prompt' or 'adv_prompt' column; columns found: "
-                f"{', '.join(repr(c) for c in columns) or '(none)'}"
-            )
-        index = columns.index(column)
-        prompts: list[str] = []
-        empty_rows: list[int] = []
-        # Row numbers count records with the header as row 1 (a spreadsheet's numbering).
-        for row_number, row in enumerate(reader, start=2):
-            if not row:  # a blank line between records
-                continue
-            value = row[index].strip() if index < len(row) else ""
-            if value:
-                prompts.append(value)
-            else:
-                empty_rows.append(row_number)
-    except csv.Error as err:
-        raise SafediffError(f"{source}: malformed CSV near line {reader.line_num}: {err}") from None
-    if empty_rows:
-        shown = ", ".join(str(r) for r in empty_rows[:10]) + (
-            ", ..." if len(empty_rows) > 10 else ""
-        )
-        logger.warning(
-            "%s: skipped %d row(s) with an empty %r (rows %s)",
-            source,
-            len(empty_rows),
-            column,
-            shown,
-        )
-    if not prompts:
-        raise SafediffError(f"no prompts in {source} (no row has a non-empty {column!r})")
-    return prompts
+def _parse_csv(path: Path) -> list[str]:
+    """The prompt column of any CSV convention `safediff.eval.prompt_sets` reads (I2P, MMA, ...)."""
+    from safediff.eval.prompt_sets import load_prompt_set
+
+    return [row.prompt for row in load_prompt_set(path).rows]
 
 
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[int]:
