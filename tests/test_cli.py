@@ -111,3 +111,44 @@ def test_eval_generates_then_scores_and_reports(capsys, tmp_path):
     code, _, err = run_cli(capsys, "report", str(out), "--out", str(tmp_path / "report"))
     assert code == 0, err
     assert "nudenet-v3/exposed9@0.6" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_generate_with_a_defense_stack(capsys, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a person on a beach\na red bus\n")
+    common = ["--model", "tiny-sd", "--prompts", str(prompts), "--steps", "3", "--no-progress"]
+    code, _, err = run_cli(capsys, "generate", *common, "--out", str(tmp_path / "plain"))
+    assert code == 0, err
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        *common,
+        "--out",
+        str(tmp_path / "def"),
+        "--defense",
+        "negprompt:nudity,sld:max",
+    )
+    assert code == 0, err
+    run = json.loads((tmp_path / "def" / "run.json").read_text())
+    assert run["defenses"] == "negprompt:nudity,sld:max"
+    a = np.asarray(Image.open(tmp_path / "plain" / "images" / "0_0.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "def" / "images" / "0_0.png"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() > 0
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        *common,
+        "--out",
+        str(tmp_path / "both"),
+        "--defense",
+        "negprompt:nudity",
+        "--negative-prompt",
+        "ugly",
+    )
+    assert_one_line_error(code, err, "both set the negative prompt")

@@ -6,6 +6,7 @@ import sys
 
 import yaml
 
+from safediff.defenses.cli import add_des_parser, add_negset_parser
 from safediff.errors import SafediffError
 from safediff.eval.eval_cmd import add_eval_parser
 from safediff.eval.generate import add_generate_parser
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_score_parser(sub)
     add_eval_parser(sub)
+    add_des_parser(sub)
+    add_negset_parser(sub)
     add_report_parser(sub)
     return parser
 

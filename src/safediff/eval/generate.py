@@ -281,8 +281,14 @@ def generate(
     accelerator: Any = None,
     progress: bool = True,
     run_info: Mapping[str, Any] | None = None,
+    defenses: str | None = None,
 ) -> GenerationResult:
     """Sample `images_per_prompt` images per row and write them under `out_dir` (module docstring).
+
+    defenses: a defense stack spec (`safediff.defenses.stack.DefenseStack.parse`), e.g.
+        "des:DIR,negprompt:nudity,sld:medium,safe-denoiser:NEGSET.safetensors", applied on top of
+        `model` (text-encoder swap, negative prompt, sampler guidance); recorded in run.json and
+        in every image's metadata, so a resumed run with other defenses regenerates.
 
     model: on its device (the UNet's parameters give it). rows: e.g. `load_prompt_set(...).rows`.
     accelerator: an `accelerate.Accelerator` to split rows across processes, or None (one process).
@@ -308,11 +314,21 @@ def generate(
         default_guidance=default_guidance,
         images_per_prompt=images_per_prompt,
     )
+    rollout_kwargs: dict[str, Any] = {}
+    if defenses:
+        from safediff.defenses.stack import apply_defenses
+
+        model, rollout_kwargs = apply_defenses(model, defenses)
+        if "negative_embeds" in rollout_kwargs and negative_prompt:
+            raise SafediffError(
+                "a negprompt defense and --negative-prompt both set the negative prompt; use one"
+            )
     settings = {
         "negative_prompt": negative_prompt,
         "steps": num_steps,
         "eta": float(eta),
         "model": model.source,
+        "defenses": defenses or "",
     }
     images_dir = out_dir / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +344,9 @@ def generate(
     skipped = len(mine) - len(todo)
     if skipped and is_main:
         logger.info("%d image(s) already in %s are kept", skipped, images_dir)
-    _sample_jobs(model, todo, images_dir, settings, batch_size, progress and is_main)
+    _sample_jobs(
+        model, todo, images_dir, settings, batch_size, progress and is_main, rollout_kwargs
+    )
     seconds = time.perf_counter() - start
 
     generated, skipped = len(todo), skipped
@@ -351,6 +369,7 @@ def generate(
             "num_steps": num_steps,
             "eta": float(eta),
             "negative_prompt": negative_prompt,
+            "defenses": defenses or "",
             "default_seed": default_seed,
             "default_guidance": float(default_guidance),
             "default_size": list(default_size(model)),
@@ -378,12 +397,19 @@ def _sample_jobs(
     settings: Mapping[str, Any],
     batch_size: int,
     progress: bool,
+    rollout_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Sample `jobs` grouped by (guidance, width, height), `batch_size` at a time; save PNGs."""
+    """Sample `jobs` grouped by (guidance, width, height), `batch_size` at a time; save PNGs.
+
+    rollout_kwargs: from `apply_defenses`: sampler `guidance` hooks and/or `negative_embeds`.
+    """
     if not jobs:
         return
     device = next(model.unet.parameters()).device
-    negative = model.encode_text([settings["negative_prompt"]], device)  # [1, L, D]
+    kwargs = dict(rollout_kwargs or {})
+    negative = kwargs.pop("negative_embeds", None)
+    if negative is None:
+        negative = model.encode_text([settings["negative_prompt"]], device)  # [1, L, D]
     groups: dict[tuple[float, int, int], list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault((job.guidance, job.width, job.height), []).append(job)
@@ -408,6 +434,7 @@ def _sample_jobs(
                 guidance_scale=guidance,
                 batch_size=len(batch),
                 decode=True,
+                **kwargs,
             )
             assert traj.images is not None
             pixels = to_uint8(traj.images).numpy()  # [B, H, W, 3]
@@ -453,6 +480,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per row (seeds +k)")
     p.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
     p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument(
+        "--defense",
+        help="defense stack, e.g. 'negprompt:nudity,sld:medium' or 'des:DIR,safe-denoiser:NEG.safetensors'",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -517,6 +548,7 @@ def run_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         accelerator=accelerator,
         progress=not args.no_progress,
+        defenses=args.defense,
         run_info={
             "model_spec": args.model,
             "base": args.base,

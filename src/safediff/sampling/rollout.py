@@ -9,9 +9,38 @@ sampled one and the importance ratio starts at exactly 1 (in float32).
 Randomness: every sample owns a CPU `torch.Generator`. Sample i draws x_T and then one z per step,
 always from its own generator, on the CPU, so a batched rollout equals the same samples rolled out
 one at a time and nothing depends on `batch_size` or the device.
+
+Guidance hooks (defenses that act inside the sampler: SLD, the Safe Denoiser, ...): `rollout` and
+`transition_log_prob` take `guidance=[hook, ...]`. At every step the sampler computes the CFG
+prediction, converts it to *epsilon units* (whatever the model's prediction type), and hands each
+hook in turn a `GuidanceStep` (x_t, t, step index, eps after CFG and the earlier hooks, the
+conditional and unconditional branches, a `predict(embeds)` callable for extra UNet evaluations);
+each hook returns a corrected eps and its new per-sample state. Conventions:
+
+- eps and x0 are two views of one prediction at x_t: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t).
+  A hook that corrects the clean-sample estimate (the Safe Denoiser) returns
+  eps' = (x_t - sqrt(a_t) x0') / sqrt(1 - a_t) (`GuidanceStep.eps_from_x0`), so the DDIM step
+  recomputes exactly x0' from it and moves along the matching direction: the corrected denoiser is
+  used consistently in both terms of the DDIM mean.
+- the corrected eps is converted back to the model's output convention (identity for epsilon
+  models, v = (eps - sqrt(1 - a_t) x_t) / sqrt(a_t) for v-prediction) and goes through the same
+  `ddim_step_with_logprob`, so the stored log-prob is that of the *corrected* mean, and
+  `transition_log_prob` with the same hooks recomputes it (with gradient through the UNet and
+  through the correction): GRPO on a defended sampler stays on-policy (ratio 1 before an update).
+- a hook that leaves every row unchanged returns the eps it was given (the same tensor object);
+  when the final eps is the very tensor the sampler computed, the model output is passed to the
+  step untouched, so an inactive defense leaves sampling bitwise unchanged.
+- state is explicit and per sample: `init_state(n, latent_shape, device)` returns tensors with one
+  row per sample (e.g. SLD's momentum); the rollout passes the rows of the current batch and
+  writes back the rows it gets, so results stay independent of `batch_size`. The rollout stores
+  each step's *input* state in `Trajectory.guidance_states` ([N, S, ...] per key), which is what
+  `transition_log_prob` needs to re-score a stateful step out of order.
 """
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +62,10 @@ class Trajectory:
     timesteps: [S] int64, t of step i (high noise first).
     prev_timesteps: [S] int64, the timestep latents[:, i+1] lives at (-1 = clean).
     images: [N, 3, H, W] float32 in [0, 1], decoded x_0 (None when decode=False).
+    guidance_states: one dict per guidance hook of the rollout (same order): for each state key a
+        [N, S, ...] tensor, the hook's state *before* step i of sample n (empty for stateless
+        hooks, and an empty list without hooks). Pass `guidance_states_at(n_idx, s_idx)` to
+        `transition_log_prob` to re-score steps of a stateful defense.
     """
 
     latents: Tensor
@@ -40,6 +73,79 @@ class Trajectory:
     timesteps: Tensor
     prev_timesteps: Tensor
     images: Tensor | None
+    guidance_states: list[dict[str, Tensor]] = field(default_factory=list)
+
+    def guidance_states_at(self, sample_idx: Tensor, step_idx: Tensor) -> list[dict[str, Tensor]]:
+        """The hooks' input states of the M transitions (sample_idx[m], step_idx[m]): [M, ...]."""
+        return [
+            {key: value[sample_idx, step_idx] for key, value in states.items()}
+            for states in self.guidance_states
+        ]
+
+
+@dataclass
+class GuidanceStep:
+    """What a guidance hook sees at one denoising step of B samples (float32, eps units).
+
+    x_t: [B, C, h, w] the current sample.
+    t: [B] int64 timesteps; step: [B] int64 index of the step in its rollout (0 = noisiest).
+    alpha_bar: [B, 1, 1, 1] a_t.
+    eps: [B, C, h, w] the prediction after CFG and after the hooks before this one.
+    eps_cond, eps_uncond: [B, C, h, w] the CFG branches (conditional; unconditional/negative
+        prompt), None without CFG. eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        when no earlier hook changed it.
+    guidance_scale: the CFG scale.
+    sample_index: [B] int64 rows of these samples in the rollout (or transitions when re-scoring).
+    predict: embeds [B or 1, L, D] -> the UNet's eps at (x_t, t) for those embeddings, no CFG
+        (one extra UNet call; gradient flows when the caller has it enabled).
+    extra: eps at (x_t, t) for each hook that declares `extra_embeds` ([1, L, D]), by hook name,
+        computed in the same UNet batch as CFG (cat([uncond, cond, *extra]), as diffusers' SLD
+        pipeline does): cheaper than `predict` and batch-identical to diffusers.
+    """
+
+    x_t: Tensor
+    t: Tensor
+    step: Tensor
+    alpha_bar: Tensor
+    eps: Tensor
+    eps_cond: Tensor | None
+    eps_uncond: Tensor | None
+    guidance_scale: float
+    sample_index: Tensor
+    predict: Callable[[Tensor], Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def x0(self) -> Tensor:
+        """The clean-sample estimate x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), [B, C, h, w]."""
+        return (self.x_t - (1 - self.alpha_bar) ** 0.5 * self.eps) / self.alpha_bar**0.5
+
+    def eps_from_x0(self, x0: Tensor) -> Tensor:
+        """The eps whose clean-sample estimate at x_t is `x0`: (x_t - sqrt(a_t) x0) / sqrt(1 - a_t)."""
+        return (self.x_t - self.alpha_bar**0.5 * x0) / (1 - self.alpha_bar) ** 0.5
+
+
+class Guidance(Protocol):
+    """A defense acting inside the sampler (see the module docstring for the conventions).
+
+    A hook may also have an attribute `extra_embeds` ([1, L, D] or None): conditionings whose UNet
+    output it needs at every step, evaluated in the CFG batch and passed as `step.extra[name]`
+    (hook names must then be distinct).
+    """
+
+    name: str
+
+    def init_state(
+        self, n: int, latent_shape: tuple[int, ...], device: torch.device
+    ) -> dict[str, Tensor]:
+        """Fresh state of a rollout of n samples: tensors with n rows ({} when stateless)."""
+        ...
+
+    def __call__(
+        self, step: GuidanceStep, state: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Corrected eps [B, C, h, w] and the state after this step (the B rows given)."""
+        ...
 
 
 def _param(unet: nn.Module) -> Tensor:
@@ -66,13 +172,49 @@ def predict_noise(
     Inputs are cast to the UNet's parameter dtype (e.g. bf16); the output is float32 [B, C, h, w].
     Gradient flows if the caller has it enabled.
     """
+    out_uncond, out_cond, _ = _branches(unet, x, t, cond, uncond, guidance_scale)
+    if out_uncond is None:
+        return out_cond
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def _branches(
+    unet: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    cond: Tensor,
+    uncond: Tensor | None,
+    guidance_scale: float,
+    extra: Sequence[Tensor] = (),
+) -> tuple[Tensor | None, Tensor, list[Tensor]]:
+    """(unconditional, conditional, extra) UNet outputs, float32, from one batched call.
+
+    Without CFG the unconditional output is None. extra: further [1 or B, L, D] conditionings
+    evaluated in the same batch (cat([uncond, cond, *extra]), the layout diffusers' SLD pipeline
+    uses), returned in order.
+    """
     p = _param(unet)
     batch = x.shape[0]
     x = x.to(device=p.device, dtype=p.dtype)
     t = t.to(device=p.device)
     cond = cond.to(device=p.device, dtype=p.dtype)
+    extra = [
+        e.to(device=p.device, dtype=p.dtype).expand(batch, *e.shape[1:])
+        if e.shape[0] == 1
+        else e.to(device=p.device, dtype=p.dtype)
+        for e in extra
+    ]
     if uncond is None or guidance_scale == 1:
-        return unet(x, t, encoder_hidden_states=cond).sample.to(torch.float32)
+        if not extra:
+            return None, unet(x, t, encoder_hidden_states=cond).sample.to(torch.float32), []
+        parts = [cond, *extra]
+        out = unet(
+            torch.cat([x] * len(parts)),
+            torch.cat([t] * len(parts)),
+            encoder_hidden_states=torch.cat(parts),
+        ).sample.to(torch.float32)
+        out_cond, *outs = out.chunk(len(parts))
+        return None, out_cond, outs
     uncond = uncond.to(device=p.device, dtype=p.dtype)
     if uncond.shape[0] == 1 and batch != 1:
         uncond = uncond.expand(batch, *uncond.shape[1:])
@@ -81,11 +223,110 @@ def predict_noise(
             f"negative embeddings {tuple(uncond.shape)} do not match the prompt embeddings "
             f"{tuple(cond.shape)}; encode both with the same tokenizer length"
         )
+    parts = [uncond, cond, *extra]
     out = unet(
-        torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+        torch.cat([x] * len(parts)),
+        torch.cat([t] * len(parts)),
+        encoder_hidden_states=torch.cat(parts),
     ).sample.to(torch.float32)
-    out_uncond, out_cond = out.chunk(2)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+    out_uncond, out_cond, *outs = out.chunk(len(parts))
+    return out_uncond, out_cond, outs
+
+
+def _guided_output(
+    unet: nn.Module,
+    schedule: DDIMSchedule,
+    x: Tensor,
+    t: Tensor,
+    step: Tensor,
+    rows: Tensor,
+    cond: Tensor,
+    uncond: Tensor | None,
+    guidance_scale: float,
+    guidance: Sequence[Guidance],
+    states: list[dict[str, Tensor]],
+) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """The model output (the model's convention) after CFG and the guidance hooks, new states.
+
+    x: [B, C, h, w] float32 on the UNet's device; t, step, rows: [B] int64. Without hooks this is
+    `predict_noise` exactly.
+    """
+    with_extra = [h for h in guidance if getattr(h, "extra_embeds", None) is not None]
+    out_uncond, out_cond, out_extra = _branches(
+        unet, x, t, cond, uncond, guidance_scale, [h.extra_embeds for h in with_extra]
+    )
+    output = (
+        out_cond if out_uncond is None else out_uncond + guidance_scale * (out_cond - out_uncond)
+    )
+    if not guidance:
+        return output, states
+    bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    a_t = schedule.alpha_bar(t.to(x.device)).view(bshape)
+    v_pred = schedule.prediction_type == "v_prediction"
+
+    def to_eps(out: Tensor) -> Tensor:  # model output -> eps at this x_t
+        return a_t**0.5 * out + (1 - a_t) ** 0.5 * x if v_pred else out
+
+    def predict(embeds: Tensor) -> Tensor:
+        if embeds.shape[0] == 1 and x.shape[0] != 1:
+            embeds = embeds.expand(x.shape[0], *embeds.shape[1:])
+        return to_eps(_branches(unet, x, t, embeds, None, 1.0)[1])
+
+    eps_in = to_eps(output)
+    eps_uncond = None if out_uncond is None else to_eps(out_uncond)
+    eps_cond = None if out_uncond is None else to_eps(out_cond)
+    info = GuidanceStep(
+        x_t=x,
+        t=t,
+        step=step,
+        alpha_bar=a_t,
+        eps=eps_in,
+        eps_cond=eps_cond,
+        eps_uncond=eps_uncond,
+        guidance_scale=guidance_scale,
+        sample_index=rows,
+        predict=predict,
+        extra={h.name: to_eps(o) for h, o in zip(with_extra, out_extra, strict=True)},
+    )
+    eps = eps_in
+    new_states = []
+    for hook, state in zip(guidance, states, strict=True):
+        eps, state = hook(dataclasses.replace(info, eps=eps), state)
+        new_states.append(state)
+    if eps is eps_in:  # no hook changed anything: keep the UNet's output bit for bit
+        return output, new_states
+    return ((eps - (1 - a_t) ** 0.5 * x) / a_t**0.5 if v_pred else eps), new_states
+
+
+def _check_guidance_states(
+    guidance: Sequence[Guidance],
+    states: Sequence[dict[str, Tensor]] | None,
+    x_t: Tensor,
+) -> list[dict[str, Tensor]]:
+    """The hooks' input states for M transitions x_t [M, ...], checked (rows, presence)."""
+    m = x_t.shape[0]
+    if states is None:
+        fresh = [hook.init_state(m, tuple(x_t.shape[1:]), x_t.device) for hook in guidance]
+        stateful = [hook.name for hook, st in zip(guidance, fresh, strict=True) if st]
+        if stateful:
+            raise SafediffError(
+                f"guidance hook(s) {', '.join(stateful)} carry state across steps; pass "
+                "guidance_states=traj.guidance_states_at(sample_idx, step_idx) from the rollout"
+            )
+        return fresh
+    if len(states) != len(guidance):
+        raise SafediffError(
+            f"got {len(states)} guidance state dicts for {len(guidance)} guidance hooks; pass "
+            "Trajectory.guidance_states_at(sample_idx, step_idx) from the rollout"
+        )
+    for hook, st in zip(guidance, states, strict=True):
+        for key, value in st.items():
+            if value.shape[0] != m:
+                raise SafediffError(
+                    f"guidance state {hook.name}.{key} has {value.shape[0]} rows for {m} "
+                    "transitions; index the rollout's states with the same (sample, step) pairs"
+                )
+    return list(states)
 
 
 def transition_log_prob(
@@ -100,6 +341,10 @@ def transition_log_prob(
     guidance_scale: float,
     eta: float,
     reduction: str = "mean",
+    *,
+    guidance: Sequence[Guidance] = (),
+    guidance_states: Sequence[dict[str, Tensor]] | None = None,
+    step_index: Tensor | None = None,
 ) -> DDIMStepOutput:
     """Recompute the log-prob of M stored transitions x_t -> x_prev, with gradient.
 
@@ -108,10 +353,37 @@ def transition_log_prob(
     (log_prob [M], mean and std for a KL term). Not wrapped in no_grad: the trainer differentiates
     log_prob through the UNet. Use the same guidance_scale, eta and reduction as the rollout, or
     the ratio is not 1 on-policy.
+
+    guidance: the rollout's guidance hooks (same objects, same order); then step_index ([M] int64,
+    the step index s of each transition) is required, and stateful hooks need guidance_states =
+    `traj.guidance_states_at(sample_idx, step_idx)`. The log-prob is then that of the corrected
+    mean, with gradient through the correction too.
     """
     device = _param(unet).device
     x_t = x_t.to(device=device, dtype=torch.float32)
-    eps = predict_noise(unet, x_t, t, cond, uncond, guidance_scale)
+    if guidance:
+        if step_index is None:
+            raise SafediffError(
+                "transition_log_prob with guidance hooks needs step_index= (the step index of "
+                "each transition in its rollout)"
+            )
+        m = x_t.shape[0]
+        states = _check_guidance_states(guidance, guidance_states, x_t)
+        eps, _ = _guided_output(
+            unet,
+            schedule,
+            x_t,
+            t.to(device),
+            step_index.to(device),
+            torch.arange(m, device=device),
+            cond,
+            uncond,
+            guidance_scale,
+            guidance,
+            [{k: v.to(device) for k, v in st.items()} for st in states],
+        )
+    else:
+        eps = predict_noise(unet, x_t, t, cond, uncond, guidance_scale)
     return ddim_step_with_logprob(
         schedule,
         eps,
@@ -145,6 +417,7 @@ def rollout(
     reduction: str = "mean",
     decode: bool = True,
     progress: bool = False,
+    guidance: Sequence[Guidance] = (),
 ) -> Trajectory:
     """Sample N DDIM trajectories and record each step's log-probability.
 
@@ -169,6 +442,8 @@ def rollout(
         reduction: "mean" (the reference's) or "sum" log-prob, see `ddim_step_with_logprob`.
         decode: decode x_0 to images with `model.decode` (in batches of batch_size).
         progress: show a tqdm progress bar over batches x steps.
+        guidance: guidance hooks applied in order after CFG at every step (see the module
+            docstring); their per-step input states are stored in `Trajectory.guidance_states`.
 
     Returns:
         a `Trajectory`. x_T is not scaled: DDIM's init_noise_sigma is 1. The UNet runs under
@@ -202,6 +477,15 @@ def rollout(
     latents = torch.empty((n, num_steps + 1, *shape), dtype=torch.float32, device=device)
     log_probs = torch.empty((n, num_steps), dtype=torch.float32, device=device)
     images = [] if decode else None
+    guidance = list(guidance)
+    states = [hook.init_state(n, shape, device) for hook in guidance]
+    stored = [
+        {
+            key: torch.empty((n, num_steps, *v.shape[1:]), dtype=v.dtype, device=device)
+            for key, v in st.items()
+        }
+        for st in states
+    ]
 
     bar = None
     if progress:
@@ -234,7 +518,29 @@ def rollout(
                 t = timesteps[i].expand(b)
                 t_prev = prev_timesteps[i].expand(b)
                 z = _draw(gens, shape, device).expand(b, *shape)
-                eps = predict_noise(model.unet, x, t, cond, uncond, guidance_scale)
+                if guidance:
+                    rows = [{k: v[start:stop] for k, v in st.items()} for st in states]
+                    for store, st in zip(stored, rows, strict=True):
+                        for key, value in st.items():
+                            store[key][start:stop, i] = value
+                    eps, rows = _guided_output(
+                        model.unet,
+                        schedule,
+                        x,
+                        t,
+                        torch.full((b,), i, dtype=torch.int64, device=device),
+                        torch.arange(start, stop, device=device),
+                        cond,
+                        uncond,
+                        guidance_scale,
+                        guidance,
+                        rows,
+                    )
+                    for st, new in zip(states, rows, strict=True):
+                        for key, value in new.items():
+                            st[key][start:stop] = value
+                else:
+                    eps = predict_noise(model.unet, x, t, cond, uncond, guidance_scale)
                 out = ddim_step_with_logprob(
                     schedule, eps, t, t_prev, x, eta, noise=z, reduction=reduction
                 )
@@ -254,4 +560,5 @@ def rollout(
         timesteps=timesteps,
         prev_timesteps=prev_timesteps,
         images=torch.cat(images) if images is not None else None,
+        guidance_states=stored,
     )

@@ -1,0 +1,90 @@
+"""Command-line entry points of the defenses: `safediff des train` and `safediff negset build`.
+
+    safediff des train --safe-prompts safe.csv --unsafe-prompts unsafe.csv --concept nudity \
+        --model stable-diffusion-v1-5/stable-diffusion-v1-5 --output-dir runs/des [KEY=VALUE ...]
+    safediff negset build --images unsafe_images/ --model tiny-sd --cache-dir negsets/
+
+KEY=VALUE overrides set any `DESConfig` field (e.g. epochs=1 lr=2e-5 direction=concept).
+"""
+
+import argparse
+import json
+
+from safediff.errors import SafediffError
+
+
+def _cmd_des_train(args: argparse.Namespace) -> int:
+    from safediff.config import load_config
+    from safediff.defenses.des import DESConfig, run_des
+
+    flags = {
+        "model": args.model,
+        "safe_prompts": args.safe_prompts,
+        "unsafe_prompts": args.unsafe_prompts,
+        "concept": args.concept,
+        "output_dir": args.output_dir,
+    }
+    # Flags go in as JSON-quoted overrides (a concept such as "yes" must stay a string).
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, [*overrides, *args.overrides], cls=DESConfig)
+    out = run_des(cfg, device=args.device, progress=not args.no_progress)
+    print(f"DES text encoder written to {out} (use it with the defense spec des:{out})")
+    return 0
+
+
+def _cmd_negset_build(args: argparse.Namespace) -> int:
+    from safediff.config import ModelConfig
+    from safediff.defenses.safe_denoiser import NegationSet, build_sd_negation_set
+    from safediff.models.loading import load_t2i_model
+
+    model = load_t2i_model(
+        ModelConfig(pretrained=args.model, resolution=args.resolution), device=args.device
+    )
+    vae = model.components.get("vae")
+    if vae is None:
+        raise SafediffError(f"model {args.model!r} has no VAE; negation sets are VAE latents")
+    resolution = model.latent_shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+    path = build_sd_negation_set(vae, args.images, resolution, args.cache_dir, args.batch_size)
+    negset = NegationSet.load(path)
+    print(
+        f"negation set: {len(negset)} latents of shape {negset.sample_shape} at {resolution} px "
+        f"-> {path} (use it with the defense spec safe-denoiser:{path})"
+    )
+    return 0
+
+
+def add_des_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add `des train` to the `safediff` command line."""
+    des = subparsers.add_parser("des", help="DES: train a distorted text encoder")
+    sub = des.add_subparsers(dest="des_command", required=True)
+    p = sub.add_parser(
+        "train", help="train the text encoder on safe/unsafe prompts (UNet and VAE untouched)"
+    )
+    p.add_argument("--safe-prompts", help="safe prompts: a .txt/.csv file or builtin:NAME")
+    p.add_argument("--unsafe-prompts", help="unsafe prompts: a .txt/.csv file or builtin:NAME")
+    p.add_argument("--concept", help="the concept word (default: nudity)")
+    p.add_argument("--model", help="base model: tiny-sd, a pipeline folder or a hub id")
+    p.add_argument("--output-dir", help="where the trained encoder is written")
+    p.add_argument("--config", help="a YAML file of DESConfig fields")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="DESConfig overrides, e.g. epochs=1"
+    )
+    p.set_defaults(func=_cmd_des_train)
+
+
+def add_negset_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add `negset build` (the Safe Denoiser's negation set) to the `safediff` command line."""
+    neg = subparsers.add_parser("negset", help="Safe Denoiser negation sets")
+    sub = neg.add_subparsers(dest="negset_command", required=True)
+    p = sub.add_parser(
+        "build", help="encode unsafe images into VAE latents, cached by a hash of the inputs"
+    )
+    p.add_argument("--images", required=True, help="folder of unsafe images (png/jpg/webp/bmp)")
+    p.add_argument("--model", default="tiny-sd", help="base model whose VAE encodes the images")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: model's)")
+    p.add_argument("--cache-dir", default="negsets", help="where negset-<hash>.safetensors goes")
+    p.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.set_defaults(func=_cmd_negset_build)

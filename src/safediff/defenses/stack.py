@@ -1,0 +1,199 @@
+"""Composing defenses: a `DefenseStack` built from a spec string, applied to any `T2IModel`.
+
+Spec: comma-separated `KIND:ARG[;key=value...]` items, e.g.
+
+    des:/runs/des,safe-denoiser:/negsets/negset-1234.safetensors,sld:medium,negprompt:nudity
+
+KIND          ARG                                   options (`;key=value`)
+des           folder written by `safediff des train`  -
+negprompt     preset ('nudity') or text=PROMPT       -
+sld           preset: weak | medium | strong | max   any SLDConfig field, e.g. sld_threshold=0.02
+safe-denoiser a negation set .safetensors            preset=nudity|nudity-paper, any
+                                                      SafeDenoiserConfig field, e.g. scale=0.5
+
+Each kind may appear once. Whatever the order in the spec, they are applied in one canonical
+order, because later ones depend on earlier ones:
+
+1. des: the text encoder is swapped at the model level (`swap_text_encoder`), so every prompt
+   below, and the caller's own prompts, are encoded by the defended encoder;
+2. negprompt: the CFG unconditional embeddings become the negative prompt's (encoded by 1.);
+3. sld: a guidance hook on the CFG combination (its concept encoded by 1.);
+4. safe-denoiser: a guidance hook on the final clean-sample estimate (after SLD).
+
+`apply_defenses(model, stack)` returns the (possibly swapped) model and keyword arguments for
+`safediff.sampling.rollout.rollout`: always "guidance" (a list, possibly empty) and, with a
+negative prompt, "negative_embeds" ([1, L, D]; it replaces the caller's negative embeddings, so
+merge as `{"negative_embeds": own, **rollout_kwargs}`). Negative prompts and SLD only act with
+CFG (guidance_scale > 1); SLD raises without it. Any model works: a base model, a GRPO-trained
+UNet, a model whose encoder is already DES-trained.
+"""
+
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from safediff.defenses.negative_prompt import NegativePrompt
+from safediff.defenses.safe_denoiser import (
+    SAFE_DENOISER_PRESETS,
+    NegationSet,
+    SafeDenoiser,
+    SafeDenoiserConfig,
+)
+from safediff.defenses.sld import SLD_PRESETS, SafeLatentDiffusion, SLDConfig
+from safediff.defenses.text_encoder_adapter import swap_text_encoder
+from safediff.errors import SafediffError
+from safediff.models.base import T2IModel
+
+KINDS = ("des", "negprompt", "sld", "safe-denoiser")
+"""The defense kinds, in the order they are applied."""
+_ALIASES = {
+    "safe_denoiser": "safe-denoiser",
+    "safedenoiser": "safe-denoiser",
+    "negative-prompt": "negprompt",
+    "negative_prompt": "negprompt",
+}
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """One defense: its kind (see KINDS), argument and `key=value` options (strings)."""
+
+    kind: str
+    arg: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        opts = "".join(f";{k}={v}" for k, v in self.options.items())
+        return f"{self.kind}:{self.arg}{opts}"
+
+
+def parse_defense_spec(text: str) -> DefenseSpec:
+    """'sld:medium;sld_threshold=0.02' -> DefenseSpec('sld', 'medium', {'sld_threshold': '0.02'})."""
+    text = text.strip()
+    if ":" not in text:
+        raise SafediffError(
+            f"defense {text!r} must look like KIND:ARG (kinds: {', '.join(KINDS)}), e.g. sld:medium"
+        )
+    kind, rest = text.split(":", 1)
+    kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in KINDS:
+        raise SafediffError(f"unknown defense kind {kind!r} in {text!r}; kinds: {', '.join(KINDS)}")
+    arg, *opts = rest.split(";")
+    options = {}
+    for opt in opts:
+        if "=" not in opt:
+            raise SafediffError(f"defense option {opt!r} in {text!r} must look like key=value")
+        key, value = opt.split("=", 1)
+        options[key.strip()] = value.strip()
+    if not arg.strip():
+        raise SafediffError(f"defense {text!r} has an empty argument after '{kind}:'")
+    return DefenseSpec(kind, arg.strip(), options)
+
+
+@dataclass(frozen=True)
+class DefenseStack:
+    """An ordered set of defenses (at most one per kind), in canonical order."""
+
+    specs: tuple[DefenseSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        kinds = [s.kind for s in self.specs]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dup:
+            raise SafediffError(f"defense kind(s) {', '.join(dup)} given more than once")
+        ordered = tuple(sorted(self.specs, key=lambda s: KINDS.index(s.kind)))
+        object.__setattr__(self, "specs", ordered)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "DefenseStack":
+        """A stack from a comma-separated spec ('' or None: no defense)."""
+        if not text or not text.strip():
+            return cls()
+        return cls(tuple(parse_defense_spec(item) for item in text.split(",") if item.strip()))
+
+    def get(self, kind: str) -> DefenseSpec | None:
+        return next((s for s in self.specs if s.kind == kind), None)
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.specs) or "none"
+
+
+def _with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
+    """dataclasses.replace(cfg, **options) with values parsed as YAML and type-checked."""
+    if not options:
+        return cfg
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, raw in options.items():
+        if key not in names:
+            raise SafediffError(
+                f"unknown {what} option {key!r}; options: {', '.join(sorted(names))}"
+            )
+        value = yaml.safe_load(raw) if raw else ""
+        tp = hints[key]
+        allowed = typing.get_args(tp) or (tp,)
+        if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
+            value = float(value)
+        if isinstance(value, str) and float in allowed:
+            with contextlib.suppress(ValueError):  # YAML reads "3e-4" as a string
+                value = float(value)
+        if not isinstance(value, tuple(a for a in allowed if isinstance(a, type))):
+            raise SafediffError(f"{what} option {key}={raw!r} has the wrong type (expected {tp})")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def sld_config(spec: DefenseSpec) -> SLDConfig:
+    if spec.arg not in SLD_PRESETS:
+        raise SafediffError(
+            f"unknown SLD preset {spec.arg!r}; presets: {', '.join(SLD_PRESETS)} (diffusers' SafetyConfig)"
+        )
+    return _with_options(SLD_PRESETS[spec.arg], spec.options, "sld")
+
+
+def safe_denoiser_config(spec: DefenseSpec) -> SafeDenoiserConfig:
+    options = dict(spec.options)
+    preset = options.pop("preset", "nudity")
+    if preset not in SAFE_DENOISER_PRESETS:
+        raise SafediffError(
+            f"unknown Safe Denoiser preset {preset!r}; presets: {', '.join(SAFE_DENOISER_PRESETS)}"
+        )
+    return _with_options(SAFE_DENOISER_PRESETS[preset], options, "safe-denoiser")
+
+
+def apply_defenses(
+    model: T2IModel,
+    stack: DefenseStack | str | None,
+    device: torch.device | str | None = None,
+) -> tuple[T2IModel, dict[str, Any]]:
+    """Apply a defense stack: (defended model, keyword arguments for `rollout`).
+
+    device: where embeddings and the negation set go (default: the UNet's device).
+    The input model is not modified; the returned one shares its UNet and VAE.
+    """
+    if not isinstance(stack, DefenseStack):
+        stack = DefenseStack.parse(stack)
+    if device is None:
+        device = next(model.unet.parameters()).device
+    kwargs: dict[str, Any] = {"guidance": []}
+    for spec in stack.specs:
+        if spec.options and spec.kind in ("des", "negprompt"):
+            raise SafediffError(f"defense {spec.kind} takes no options, got {spec}")
+        if spec.kind == "des":
+            model = swap_text_encoder(model, spec.arg)
+        elif spec.kind == "negprompt":
+            kwargs["negative_embeds"] = NegativePrompt.from_spec(spec.arg).embeds(model, device)
+        elif spec.kind == "sld":
+            cfg = sld_config(spec)
+            concept = model.encode_text([cfg.concept], device).to(torch.float32)
+            kwargs["guidance"].append(SafeLatentDiffusion(concept, cfg))
+        elif spec.kind == "safe-denoiser":
+            cfg = safe_denoiser_config(spec)
+            kwargs["guidance"].append(SafeDenoiser(NegationSet.load(spec.arg), cfg, device))
+    return model, kwargs

@@ -1,0 +1,221 @@
+"""The text encoder as a trainable module, and swapping a trained one into a `T2IModel`.
+
+DES (des.py) trains "the text encoder" without caring which one it is: it needs prompts turned into
+token states [B, L, D] *with* gradient, the module whose parameters it optimises, a frozen copy,
+and a way to save the result and put it back into a model. `TextEncoderAdapter` is that interface.
+`CLIPTextEncoderAdapter` implements it for Stable Diffusion's CLIP text encoder (transformers'
+`CLIPTextModel` + `CLIPTokenizer`); the sandbox's MiniLM encoder can plug in later by putting its
+own adapter into `T2IModel.components["text_encoder_adapter"]` (see `adapter_for_model`).
+
+Saved encoders are plain transformers folders (`save_pretrained`: config.json + model.safetensors),
+so `CLIPTextModel.from_pretrained(folder)` loads them and they drop into a diffusers pipeline
+folder as its `text_encoder/` with no other change.
+"""
+
+import copy
+import dataclasses
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from safediff.errors import SafediffError
+from safediff.models.base import T2IModel
+from safediff.models.stable_diffusion import encode_prompts, freeze
+
+TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
+
+
+class TextEncoderAdapter(Protocol):
+    """A text encoder that can be trained, saved, reloaded and swapped into a `T2IModel`."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The trainable module (every parameter of it is what DES optimises)."""
+        ...
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Prompts -> token states [B, L, D] on the module's device, exactly as the diffusion
+        model consumes them (padded to the full length L). Gradient flows when enabled."""
+        ...
+
+    def clone(self) -> "TextEncoderAdapter":
+        """An independent copy (deep-copied module, same tokenizer)."""
+        ...
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the module's weights and config to `folder`; returns the folder."""
+        ...
+
+    def load(self, folder: str | Path) -> "TextEncoderAdapter":
+        """A new adapter with the same tokenizer and the weights saved in `folder`, on this
+        adapter's device and dtype."""
+        ...
+
+    def swap_into(self, model: T2IModel) -> T2IModel:
+        """A copy of `model` whose prompts are encoded by this (frozen) encoder; `model` itself,
+        its UNet and VAE are left as they are (shared, not copied)."""
+        ...
+
+
+def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
+class CLIPTextEncoderAdapter:
+    """Stable Diffusion's CLIP text encoder: tokenizer padded/truncated to model_max_length (77),
+    last hidden state after the final layer norm (what StableDiffusionPipeline feeds the UNet).
+
+    tokenizer: a transformers CLIPTokenizer; text_encoder: a CLIPTextModel (or any module whose
+    output[0] is the last hidden state [B, L, D]).
+    """
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    @property
+    def module(self) -> nn.Module:
+        return self.text_encoder
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        if isinstance(prompts, str):
+            raise SafediffError("encode takes a list of prompts, got a single string")
+        device, _ = _device_dtype(self.text_encoder)
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(device))[0]  # [B, L, D] last_hidden_state
+
+    def clone(self) -> "CLIPTextEncoderAdapter":
+        return CLIPTextEncoderAdapter(self.tokenizer, copy.deepcopy(self.text_encoder))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.text_encoder.save_pretrained(folder)  # config.json + model.safetensors
+        return folder
+
+    def load(self, folder: str | Path) -> "CLIPTextEncoderAdapter":
+        from transformers import CLIPTextModel
+
+        where = _text_encoder_folder(folder)
+        device, dtype = _device_dtype(self.text_encoder)
+        try:
+            module = CLIPTextModel.from_pretrained(str(where), dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise SafediffError(f"could not load a CLIP text encoder from {where}: {err}") from None
+        expected = self.text_encoder.config.hidden_size
+        if module.config.hidden_size != expected:
+            raise SafediffError(
+                f"text encoder {where} has width {module.config.hidden_size}, the model's has "
+                f"{expected}; train DES on the same base model"
+            )
+        return CLIPTextEncoderAdapter(self.tokenizer, module.to(device))
+
+    def swap_into(self, model: T2IModel) -> T2IModel:
+        encoder = freeze(self.text_encoder)
+        components = {**model.components, "text_encoder": encoder}
+        return dataclasses.replace(
+            model,
+            encode_text=partial(encode_prompts, self.tokenizer, encoder),
+            components=components,
+        )
+
+
+def _text_encoder_folder(folder: str | Path) -> Path:
+    """A transformers text-encoder folder (config.json at its root), or a SafediffError."""
+    where = Path(folder).expanduser().resolve()
+    if not where.is_dir():
+        raise SafediffError(f"text encoder folder not found: {where}")
+    if not (where / "config.json").is_file() and (where / "text_encoder" / "config.json").is_file():
+        where = where / "text_encoder"  # a diffusers pipeline folder
+    if not (where / "config.json").is_file():
+        raise SafediffError(
+            f"{where} is not a transformers text encoder folder (no config.json); pass the folder "
+            "`safediff des train` wrote"
+        )
+    return where
+
+
+def adapter_for_model(model: T2IModel) -> TextEncoderAdapter:
+    """The text encoder of `model` as an adapter (sharing the model's module, not a copy).
+
+    A model family with its own encoder puts an adapter into
+    `model.components["text_encoder_adapter"]`; Stable Diffusion models are recognised by their
+    `tokenizer` and `text_encoder` components.
+    """
+    own = model.components.get("text_encoder_adapter")
+    if own is not None:
+        return own
+    tokenizer = model.components.get("tokenizer")
+    encoder = model.components.get("text_encoder")
+    if tokenizer is None or not isinstance(encoder, nn.Module):
+        raise SafediffError(
+            f"model {model.source!r} exposes no text encoder (components 'tokenizer' and "
+            "'text_encoder', or a 'text_encoder_adapter'); cannot train or swap its text encoder"
+        )
+    return CLIPTextEncoderAdapter(tokenizer, encoder)
+
+
+def swap_text_encoder(model: T2IModel, folder: str | Path) -> T2IModel:
+    """`model` with the text encoder saved in `folder` (e.g. by `safediff des train`) swapped in.
+
+    Works on any T2IModel whose encoder has an adapter (base, GRPO-trained, ...). The returned model
+    shares the UNet, VAE and tokenizer with `model`; only prompt encoding changes. `source` records
+    the swap.
+    """
+    swapped = adapter_for_model(model).load(folder).swap_into(model)
+    return dataclasses.replace(swapped, source=f"{model.source} + text encoder {folder}")
+
+
+def load_text_encoder_adapter(
+    pretrained: str,
+    revision: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CLIPTextEncoderAdapter:
+    """The CLIP text encoder and tokenizer of a base model, without loading its UNet or VAE.
+
+    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), a diffusers pipeline folder, or a
+    hub id (read from the local cache when HF_HUB_OFFLINE is set).
+    """
+    if pretrained in TINY_MODELS:
+        from safediff.models.tiny_sd import build_tiny_sd
+
+        comps = build_tiny_sd(seed=0, prediction_type=TINY_MODELS[pretrained])
+        return CLIPTextEncoderAdapter(comps["tokenizer"], comps["text_encoder"].to(device, dtype))
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(pretrained).expanduser()
+    kwargs: dict[str, Any] = {}
+    if folder.exists():
+        where = str(folder.resolve())
+        if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
+            raise SafediffError(
+                f"{folder.resolve()} is not a diffusers pipeline folder: expected the subfolders "
+                "text_encoder and tokenizer"
+            )
+    else:
+        where = pretrained
+        kwargs["revision"] = revision
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+        kwargs["local_files_only"] = offline
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs)
+        encoder = CLIPTextModel.from_pretrained(
+            where, subfolder="text_encoder", dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SafediffError(f"could not load the text encoder of {pretrained!r}: {first}") from None
+    return CLIPTextEncoderAdapter(tokenizer, encoder.to(device))
