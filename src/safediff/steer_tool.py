@@ -12,7 +12,6 @@ threshold).
 """
 
 import argparse
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ def add_steer_parser(subparsers: Any) -> None:
     p.add_argument(
         "--prompts",
         default=None,
-        help="text file (one prompt a line) or CSV with a 'prompt' column",
+        help="prompt file (.txt one a line, a prompt-set .csv) or builtin:NAME",
     )
     p.add_argument(
         "--prompt", action="append", default=[], help="a prompt (repeatable; added to --prompts)"
@@ -68,21 +67,10 @@ def add_steer_parser(subparsers: Any) -> None:
 
 
 def read_prompts(path: str | None, extra: list[str]) -> list[str]:
-    """Prompts from a text file (one a line, blanks skipped) or a CSV 'prompt' column, + extra."""
-    prompts: list[str] = []
-    if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise SafediffError(f"prompt file not found: {file}")
-        if file.suffix.lower() == ".csv":
-            with file.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-                    raise SafediffError(f"CSV {file} has no 'prompt' column")
-                prompts = [row["prompt"].strip() for row in reader if row["prompt"].strip()]
-        else:
-            lines = file.read_text(encoding="utf-8").splitlines()
-            prompts = [line.strip() for line in lines if line.strip()]
+    """Prompts from a file or builtin list (`safediff.prompts.load_prompts`), plus `extra`."""
+    from safediff.prompts import load_prompts
+
+    prompts = load_prompts(path) if path is not None else []
     prompts += [p for p in extra if p.strip()]
     if not prompts:
         raise SafediffError("no prompts: pass --prompts FILE and/or --prompt TEXT")
