@@ -12,6 +12,7 @@ from safediff.eval.eval_cmd import add_eval_parser
 from safediff.eval.generate import add_generate_parser
 from safediff.eval.report import add_report_parser
 from safediff.eval.score import add_score_parser
+from safediff.sandbox.cli import add_sandbox_parser
 from safediff.steer_tool import add_steer_parser
 
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_des_parser(sub)
     add_negset_parser(sub)
+    add_sandbox_parser(sub)
     add_report_parser(sub)
     return parser
 

@@ -50,10 +50,17 @@ def _load_hpsv2(arg: str, device: torch.device, dtype: torch.dtype, precision: s
     return load_hpsv2_encoder(arg, device=device, dtype=dtype, precision=precision)
 
 
+def _load_sandbox(arg: str, device: torch.device, dtype: torch.dtype, precision: str | None):
+    from safediff.sandbox.clip import sandbox_encoder_loader
+
+    return sandbox_encoder_loader(arg, device, dtype, precision)
+
+
 ENCODER_KINDS: dict[str, EncoderLoader] = {
     "openclip": _load_openclip,
     "hf-clip": _load_hf_clip,
     "hpsv2": _load_hpsv2,
+    "sandbox": _load_sandbox,
 }
 
 

@@ -1,0 +1,220 @@
+"""`safediff sandbox build`: retrain the sandbox's models from scratch, seeded, and record them.
+
+Builds any of detector, reader, clip (minutes on a CPU) and diffusion (hours on a CPU, about an
+hour on one GPU; see train_diffusion.py), writes `<name>.safetensors` into the output folder
+(default: the package's shipped weights) and updates its manifest.json with each file's hash,
+size, configuration, held-out accuracies, the command and the date.
+
+Data: the three classifiers learn from one training pool (data.make_pool: grammar renders of the
+"model_train" split plus random multi-glyph scenes, scene-level jitter) and are measured on
+held-out pools drawn with other seeds and the renderer's own jitter: grammar renders of the
+"eval" split (its held-out phrases included) and random scenes.
+
+Reproducibility: every random draw derives from `seed`; run with one torch thread (the CLI sets
+it) for bit-identical weights on one machine. Different CPUs or torch versions may differ in the
+last bits, so `verify` checks the shipped files against the manifest, not against a rebuild.
+"""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safediff.errors import SafediffError
+from safediff.sandbox import manifest
+from safediff.sandbox.data import Pool, make_pool
+from safediff.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+MODELS = ("detector", "reader", "clip", "diffusion")
+
+BUILD_CONFIG: dict[str, Any] = {
+    "pool": {"n_grammar": 10000, "n_random": 8000, "split": "model_train", "jitter": "scene"},
+    "heldout": {"n_grammar": 600, "n_random": 600, "jitter": "render"},
+    "detector": {"steps": 300, "batch_size": 128, "lr": 2e-3},
+    "reader": {"steps": 700, "batch_size": 64, "lr": 3e-3},
+    "clip": {"steps": 500, "batch_size": 128, "lr": 2e-3, "cos_weight": 1.0},
+    "diffusion": {"steps": 60000, "batch_size": 128, "lr": 3e-4},
+    "diffusion_eval": {"n_safe": 300, "n_unsafe": 200, "num_steps": 25, "guidance_scale": 4.0},
+}
+"""What `build_sandbox` trains with (recorded in the manifest)."""
+
+
+def heldout_pools(seed: int) -> dict[str, Pool]:
+    """Held-out pools (renderer jitter, seeds disjoint from training): grammar "eval" and
+    "model_train" renders and random scenes."""
+    cfg = BUILD_CONFIG["heldout"]
+    s = derive_seed(seed, "heldout")
+    return {
+        "eval_grammar": make_pool(s, cfg["n_grammar"], 0, split="eval", jitter=cfg["jitter"]),
+        "train_grammar": make_pool(
+            s + 1, cfg["n_grammar"], 0, split="model_train", jitter=cfg["jitter"]
+        ),
+        "random": make_pool(s + 2, 0, cfg["n_random"], jitter=cfg["jitter"]),
+    }
+
+
+def _command(only: list[str], seed: int, device: str) -> str:
+    return f"safediff sandbox build --only {','.join(only)} --seed {seed} --device {device}"
+
+
+def build_sandbox(
+    out_dir: str | Path | None = None,
+    only: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    diffusion_steps: int | None = None,
+    diffusion_batch_size: int | None = None,
+    num_workers: int = 0,
+    diffusion_run_dir: str | Path = "sandbox-diffusion-run",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Train the requested models and record them in `out_dir`'s manifest.
+
+    out_dir: default the shipped weights folder (manifest.WEIGHTS_DIR).
+    only: a subset of MODELS (default: all four; the diffusion model takes hours on a CPU).
+    diffusion_steps / diffusion_batch_size: override BUILD_CONFIG["diffusion"].
+    num_workers: DataLoader workers rendering diffusion batches (use several on a GPU machine).
+    diffusion_run_dir: the diffusion run's folder (checkpoints, log; resumed if present); only
+        its final EMA weights are copied into out_dir.
+    Returns {name: manifest entry}.
+    """
+    only = list(only or MODELS)
+    unknown = [m for m in only if m not in MODELS]
+    if unknown:
+        raise SafediffError(f"unknown sandbox model(s) {unknown}; choose from {MODELS}")
+    out = Path(out_dir or manifest.WEIGHTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    command = _command(only, seed, device.type)
+    entries: dict[str, dict[str, Any]] = {}
+    classifiers = [m for m in only if m != "diffusion"]
+    if classifiers:
+        entries.update(_build_classifiers(out, classifiers, device, seed, command, progress))
+    if "diffusion" in only:
+        entries["diffusion"] = _build_diffusion(
+            out, Path(diffusion_run_dir), device, seed, command, diffusion_steps,
+            diffusion_batch_size, num_workers, progress,
+        )  # fmt: skip
+    return entries
+
+
+def _build_classifiers(
+    out: Path, names: list[str], device: torch.device, seed: int, command: str, progress: bool
+) -> dict[str, dict[str, Any]]:
+    from safediff.sandbox import clip, detector, reader
+
+    t0 = time.perf_counter()
+    pc = BUILD_CONFIG["pool"]
+    pool = make_pool(derive_seed(seed, "train-pool"), pc["n_grammar"], pc["n_random"],
+                     split=pc["split"], jitter=pc["jitter"])  # fmt: skip
+    held = heldout_pools(seed)
+    log.info("rendered %d training and %d held-out scenes in %.0f s", len(pool),
+             sum(len(p) for p in held.values()), time.perf_counter() - t0)  # fmt: skip
+    entries = {}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type}
+    for name in names:
+        cfg = BUILD_CONFIG[name]
+        t0 = time.perf_counter()
+        mseed = derive_seed(seed, name)
+        if name == "detector":
+            model, losses = detector.train_detector(
+                pool, cfg["steps"], cfg["batch_size"], cfg["lr"], mseed, device, progress
+            )
+            metrics = {k: detector.evaluate_detector(model, p) for k, p in held.items()}
+            train = {**cfg, "seed": mseed, "pool": pc}
+            detector.save_detector(model, out / detector.FILE, train)
+            arch = detector.DETECTOR_CONFIG
+        elif name == "reader":
+            model, losses = reader.train_reader(
+                pool, cfg["steps"], cfg["batch_size"], cfg["lr"], mseed, device, progress
+            )
+            metrics = {k: reader.evaluate_reader(model, p) for k, p in held.items()}
+            train = {**cfg, "seed": mseed, "pool": pc}
+            reader.save_reader(model, out / reader.FILE, train)
+            arch = reader.READER_CONFIG
+        else:
+            from safediff.sandbox.text_encoder import load_text_encoder
+
+            te = load_text_encoder(device)
+            tower, losses = clip.train_clip(
+                pool, te, cfg["steps"], cfg["batch_size"], cfg["lr"], mseed, device,
+                cfg["cos_weight"], progress,
+            )  # fmt: skip
+            sc = clip.SandboxClip(tower, te)
+            metrics = {
+                k: clip.evaluate_clip(sc, p, seed=seed) for k, p in held.items() if k != "random"
+            }
+            train = {**cfg, "seed": mseed, "pool": pc}
+            clip.save_clip(tower, out / clip.FILE, train)
+            arch = clip.CLIP_CONFIG
+        seconds = time.perf_counter() - t0
+        log.info("%s: trained and evaluated in %.0f s: %s", name, seconds, metrics)
+        entries[name] = manifest.record_file(
+            out, f"{name}.safetensors",
+            config={"model": arch, "train": train, "heldout": BUILD_CONFIG["heldout"], **env},
+            metrics={**metrics, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                     "train_seconds": round(seconds, 1)},
+            command=command,
+        )  # fmt: skip
+    return entries
+
+
+def _build_diffusion(
+    out: Path,
+    run_dir: Path,
+    device: torch.device,
+    seed: int,
+    command: str,
+    steps: int | None,
+    batch_size: int | None,
+    num_workers: int,
+    progress: bool,
+) -> dict[str, Any]:
+    from safediff.sandbox.train_diffusion import evaluate_base_model, train_diffusion
+    from safediff.sandbox.unet import (
+        DIFFUSION_FILE,
+        SANDBOX_SCHEDULER_CONFIG,
+        SANDBOX_UNET_CONFIG,
+        load_sandbox_model,
+    )
+
+    cfg = {**BUILD_CONFIG["diffusion"]}
+    if steps is not None:
+        cfg["steps"] = steps
+    if batch_size is not None:
+        cfg["batch_size"] = batch_size
+    summary = train_diffusion(
+        run_dir, cfg["steps"], cfg["batch_size"], cfg["lr"], derive_seed(seed, "diffusion"),
+        device, num_workers=num_workers, progress=progress,
+    )  # fmt: skip
+    shutil.copyfile(run_dir / DIFFUSION_FILE, out / DIFFUSION_FILE)
+    losses = [v for _, v in summary["losses"][-200:]]
+    metrics: dict[str, Any] = {
+        "final_loss": sum(losses) / max(1, len(losses)),
+        "samples_per_s": round(summary["samples_per_s"], 2),
+    }
+    if (out / "detector.safetensors").is_file() and (out / "reader.safetensors").is_file():
+        from safediff.sandbox.detector import load_detector
+        from safediff.sandbox.reader import load_reader
+
+        model = load_sandbox_model(out / DIFFUSION_FILE, device)
+        metrics["base_model"] = evaluate_base_model(
+            model,
+            load_detector(out / "detector.safetensors", device),
+            load_reader(out / "reader.safetensors", device),
+            seed=seed,
+            **BUILD_CONFIG["diffusion_eval"],
+        )
+    return manifest.record_file(
+        out, DIFFUSION_FILE,
+        config={"unet": SANDBOX_UNET_CONFIG, "scheduler": SANDBOX_SCHEDULER_CONFIG, "train": cfg,
+                "torch": torch.__version__, "device": device.type},
+        metrics=metrics,
+        command=command + f" --diffusion-steps {cfg['steps']}",
+        note=f"trained in {run_dir} (checkpoints, train_log.jsonl; not package data)",
+    )  # fmt: skip

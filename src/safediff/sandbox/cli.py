@@ -1,0 +1,97 @@
+"""`safediff sandbox build | verify`: the command-line face of build.py and manifest.py.
+
+Wire it into the main parser with `add_sandbox_parser(subparsers)`; handlers return an exit code.
+"""
+
+import argparse
+
+from safediff.errors import SafediffError
+
+
+def _parse_only(text: str | None) -> list[str] | None:
+    from safediff.sandbox.build import MODELS
+
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if not names or bad:
+        raise SafediffError(f"--only takes a comma-separated subset of {','.join(MODELS)}")
+    return names
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Retrain the requested sandbox models (seeded) and update the manifest."""
+    import torch
+
+    from safediff.sandbox.build import build_sandbox
+
+    only = _parse_only(args.only)
+    torch.set_num_threads(args.threads)  # 1 thread: bit-identical rebuilds on one machine
+    entries = build_sandbox(
+        out_dir=args.out,
+        only=only,
+        device=args.device,
+        seed=args.seed,
+        diffusion_steps=args.diffusion_steps,
+        diffusion_batch_size=args.diffusion_batch_size,
+        num_workers=args.workers,
+        diffusion_run_dir=args.diffusion_run_dir,
+        progress=not args.no_progress,
+    )
+    for name, entry in entries.items():
+        print(f"{name}: {entry['bytes']} bytes sha256 {entry['sha256'][:16]}...")
+        for split, m in entry["metrics"].items():
+            if isinstance(m, dict):
+                shown = ", ".join(
+                    f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "n"
+                )
+                print(f"  {split}: {shown}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check the weight files against the manifest's sizes and sha256 hashes."""
+    from safediff.sandbox.manifest import WEIGHTS_DIR, read_manifest, verify
+
+    folder = args.dir or WEIGHTS_DIR
+    problems = verify(folder)
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    for name, entry in sorted(read_manifest(folder)["files"].items()):
+        print(f"ok   {name} ({entry['bytes']} bytes, {entry['kind']})")
+    return 0
+
+
+def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `sandbox build` and `sandbox verify` to the main CLI's subparsers."""
+    p = subparsers.add_parser("sandbox", help="build or verify the sandbox's shipped models")
+    sub = p.add_subparsers(dest="sandbox_command", required=True)
+
+    b = sub.add_parser("build", help="retrain sandbox models from scratch (seeded)")
+    b.add_argument(
+        "--only",
+        help="comma-separated subset of detector,reader,clip,diffusion (default: all; the "
+        "diffusion model takes hours on a CPU)",
+    )
+    b.add_argument("--out", help="output folder (default: the package's shipped weights)")
+    b.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    b.add_argument("--seed", type=int, default=0, help="base seed of every random draw")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    b.add_argument("--diffusion-steps", type=int, help="override the diffusion training steps")
+    b.add_argument("--diffusion-batch-size", type=int, help="override the diffusion batch size")
+    b.add_argument(
+        "--diffusion-run-dir",
+        default="sandbox-diffusion-run",
+        help="checkpoints and log of the diffusion run (resumed when present)",
+    )
+    b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("verify", help="check the weight files against the manifest hashes")
+    v.add_argument("--dir", help="weights folder (default: the package's shipped weights)")
+    v.set_defaults(func=cmd_verify)
+    return p
