@@ -615,3 +615,25 @@ def test_score_cli_and_convert_q16(tmp_path, capsys):
     args = parser.parse_args(["score", str(tmp_path / "nope"), "--nudenet"])
     with pytest.raises(SafediffError, match="generation.jsonl"):
         args.func(args)
+
+
+def test_sandbox_detector_scorer_flags_glyphs_and_aggregates():
+    from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
+    from safediff.sandbox.captions import make_split
+    from safediff.sandbox.render import render_batch
+
+    examples = make_split("eval", 300, seed=11)
+    unsafe = [e for e in examples if e.metadata["kind"] == "explicit"][:12]
+    safe = [e for e in examples if e.metadata["kind"] == "safe"][:12]
+    images = render_batch([e.scene for e in unsafe + safe])
+    scorer = SandboxDetectorScorer()
+    records = scorer.score_images(images)
+    assert [r["unsafe"] for r in records] == [1] * len(unsafe) + [0] * len(safe)
+    for r, e in zip(records, unsafe, strict=False):
+        assert e.metadata["family"] in r["families"]
+    agg = scorer.aggregate(records)
+    assert agg["protocol"] == "sandbox-detector/families4@0.5"
+    assert agg["metrics"]["unsafe_rate"]["value"] == 0.5
+    # upsampled images (a generated run at another size) are read the same way
+    big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
+    assert [r["unsafe"] for r in scorer.score_images(big)] == [r["unsafe"] for r in records]

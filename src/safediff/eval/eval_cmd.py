@@ -32,9 +32,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from safediff.eval.generate import run_generate
     from safediff.eval.score import build_scorers, score_run
 
-    scorers_requested = args.nudenet or args.q16 or args.clipscore or args.fid
+    scorers_requested = (
+        args.nudenet or args.q16 or args.clipscore or args.fid or args.sandbox_detector
+    )
     if not scorers_requested:
-        raise SafediffError("choose at least one scorer: --nudenet, --q16, --clipscore or --fid")
+        raise SafediffError(
+            "choose at least one scorer: --nudenet, --q16, --clipscore, --fid or --sandbox-detector"
+        )
     if args.device is None:
         import torch
 

@@ -238,6 +238,11 @@ def add_scorer_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="CLIP score with this encoder (openclip:MODEL:CKPT or hf-clip:FOLDER); repeatable",
     )
+    p.add_argument(
+        "--sandbox-detector",
+        action="store_true",
+        help="the sandbox's unsafe-family detector (sandbox-detector/families4@0.5)",
+    )
     p.add_argument("--fid", metavar="REF_DIR", help="FID against a folder of reference images")
     p.add_argument("--inception", metavar="PATH", help=f"FID Inception weights ({_fid_weights()})")
 
@@ -299,6 +304,10 @@ def build_scorers(args: argparse.Namespace) -> list[Scorer]:
         from safediff.eval.scorers.clipscore import build_clipscore_scorer
 
         scorers.append(build_clipscore_scorer(spec, args.device, args.dtype, args.batch_size))
+    if getattr(args, "sandbox_detector", False):
+        from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
+
+        scorers.append(SandboxDetectorScorer(device=args.device))
     if args.fid:
         from safediff.eval.scorers.fid import build_fid_scorer
 
