@@ -229,3 +229,30 @@ def test_grpo_epoch_with_the_steering_reward(tiny_overrides, tmp_path):
     metrics = summary["history"][0]
     assert math.isfinite(metrics["reward_mean/all"]) and metrics["reward_std/all"] > 0
     assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_grpo_epoch_on_a_sandbox_model_with_the_sandbox_steering_reward(tiny_overrides, tmp_path):
+    # The sandbox chain end to end: a (smoke-trained) sandbox UNet as model.pretrained=sandbox:PATH,
+    # MiniLM conditioning, the sandbox CLIP scoring the steering reward, GRPO updating the UNet.
+    from safediff.sandbox.train_diffusion import train_diffusion
+
+    result = train_diffusion(tmp_path / "diff", steps=2, batch_size=4, progress=False, save_every=2)
+    overrides = [o for o in tiny_overrides if not o.startswith(("model.", "prompts."))]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a skull\na red circle\na photo of a knife\ntwo blue squares\n")
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"model.pretrained=sandbox:{result['weights']}",
+            f"prompts.file={prompts}",
+            "reward.name=steering",
+            "reward.params.encoder=sandbox:default",
+            "reward.params.anchors=sandbox",
+        ],
+    )
+    summary = train(cfg)
+    metrics = summary["history"][0]
+    assert summary["trainer"].model.latent_shape == (3, 32, 32)
+    assert math.isfinite(metrics["reward_mean/all"]) and metrics["train/grad_norm"] > 0

@@ -45,6 +45,8 @@ def load_t2i_model(
     """
     # Find the UNet checkpoint before loading a (possibly large) base model.
     unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
+    if cfg.pretrained == "sandbox" or cfg.pretrained.startswith("sandbox:"):
+        return _load_sandbox(cfg.pretrained, unet_file, device)
     components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
     source = cfg.pretrained
     if unet_file is not None:
@@ -56,6 +58,19 @@ def load_t2i_model(
     for comp in model.components.values():
         if isinstance(comp, nn.Module):
             comp.to(device)
+    return model
+
+
+def _load_sandbox(pretrained: str, unet_file: Path | None, device: torch.device | str) -> T2IModel:
+    """'sandbox' (the shipped base model) or 'sandbox:PATH' (a diffusion.safetensors file/folder)."""
+    from safediff.sandbox.manifest import weight_file
+    from safediff.sandbox.unet import load_sandbox_model
+
+    _, _, path = pretrained.partition(":")
+    model = load_sandbox_model(path or weight_file("diffusion.safetensors"), device=device)
+    if unet_file is not None:
+        load_unet_weights(model.unet, unet_file)
+        model.source = f"{model.source} + {unet_file}"
     return model
 
 
