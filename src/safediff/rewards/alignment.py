@@ -11,16 +11,14 @@ from typing import Any
 
 import torch
 
-from safediff.errors import SafediffError
 from safediff.rewards.base import check_reward_output
 from safediff.rewards.encoders.base import (
     ImageTextEncoder,
     PromptCache,
     autocast_context,
-    check_images,
     encode_images_chunked,
 )
-from safediff.rewards.jpeg import jpeg_roundtrip
+from safediff.rewards.jpeg import prepare_reward_images
 
 
 class AlignmentReward:
@@ -71,14 +69,15 @@ class AlignmentReward:
         metadata: Sequence[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1], prompts [B] -> rewards [B] float32 in [-scale, scale]."""
-        check_images(images, f"reward {self.name!r}")
-        if len(prompts) != images.shape[0]:
-            raise SafediffError(
-                f"reward {self.name!r}: got {images.shape[0]} images but {len(prompts)} prompts"
-            )
         out_device = images.device
-        if self.jpeg_parity:
-            images = jpeg_roundtrip(images, quality=self.jpeg_quality, resize_to=self.jpeg_resize)
+        images = prepare_reward_images(
+            images,
+            prompts,
+            self.name,
+            jpeg_parity=self.jpeg_parity,
+            jpeg_quality=self.jpeg_quality,
+            jpeg_resize=self.jpeg_resize,
+        )
         (text,) = self.cache.get_many(prompts, self._encode_prompts)  # [B, D]
         with autocast_context(self.encoder.device, self.autocast_dtype):
             img = encode_images_chunked(self.encoder, images, self.chunk_size).float()

@@ -9,6 +9,7 @@ safediff default is quality 95 and no resize, as the project's parity switch spe
 """
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,3 +51,26 @@ def jpeg_roundtrip(
         back = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32) / 255.0
         out.append(torch.from_numpy(back.transpose(2, 0, 1).copy()))
     return torch.stack(out, dim=0).to(images.device)
+
+
+def prepare_reward_images(
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    name: str,
+    *,
+    jpeg_parity: bool,
+    jpeg_quality: int,
+    jpeg_resize: int | None,
+) -> torch.Tensor:
+    """Check a reward's inputs (images [B, 3, H, W] in [0, 1], one prompt per image) and apply the
+    reference's JPEG round-trip when `jpeg_parity` is on. Returns the images to score."""
+    from safediff.rewards.encoders.base import check_images
+
+    check_images(images, f"reward {name!r}")
+    if len(prompts) != images.shape[0]:
+        raise SafediffError(
+            f"reward {name!r}: got {images.shape[0]} images but {len(prompts)} prompts"
+        )
+    if jpeg_parity:
+        images = jpeg_roundtrip(images, quality=jpeg_quality, resize_to=jpeg_resize)
+    return images

@@ -32,10 +32,9 @@ from safediff.rewards.encoders.base import (
     ImageTextEncoder,
     PromptCache,
     autocast_context,
-    check_images,
     encode_images_chunked,
 )
-from safediff.rewards.jpeg import jpeg_roundtrip
+from safediff.rewards.jpeg import prepare_reward_images
 from safediff.rewards.steering import (
     GATING_MODES,
     STEER_MODES,
@@ -134,14 +133,15 @@ class SteeringReward:
         reward: cos(E(image), z*); text_safety: s; weight: w (1 = fully steered);
         image_safety: E(image) . v_safe (which side of the safety direction the image is on).
         """
-        check_images(images, f"reward {self.name!r}")
-        if len(prompts) != images.shape[0]:
-            raise SafediffError(
-                f"reward {self.name!r}: got {images.shape[0]} images but {len(prompts)} prompts"
-            )
         out_device = images.device
-        if self.jpeg_parity:
-            images = jpeg_roundtrip(images, quality=self.jpeg_quality, resize_to=self.jpeg_resize)
+        images = prepare_reward_images(
+            images,
+            prompts,
+            self.name,
+            jpeg_parity=self.jpeg_parity,
+            jpeg_quality=self.jpeg_quality,
+            jpeg_resize=self.jpeg_resize,
+        )
         targets = self.prompt_targets(prompts)
         with autocast_context(self.encoder.device, self.autocast_dtype):
             img = encode_images_chunked(self.encoder, images, self.chunk_size).float()  # [B, D]
