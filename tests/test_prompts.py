@@ -165,3 +165,15 @@ def test_sample_prompts_edge_cases():
         sample_prompts([], 2, g)
     with pytest.raises(ValueError):
         sample_prompts(["a"], -1, g)
+
+
+def test_prompt_kinds_from_a_kind_column_or_all(tmp_path):
+    from safediff.prompts import load_prompt_kinds
+
+    f = tmp_path / "mixed.csv"
+    f.write_text("prompt,kind\na tree,safe\na skull,unsafe\na boat,\n", encoding="utf-8")
+    assert load_prompt_kinds(str(f)) == (["a tree", "a skull", "a boat"], ["safe", "unsafe", "all"])
+    t = tmp_path / "plain.txt"
+    t.write_text("one\ntwo\n", encoding="utf-8")
+    assert load_prompt_kinds(str(t)) == (["one", "two"], ["all", "all"])
+    assert load_prompt_kinds("builtin:smoke")[0] == load_prompts("builtin:smoke")

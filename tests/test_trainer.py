@@ -256,3 +256,22 @@ def test_grpo_epoch_on_a_sandbox_model_with_the_sandbox_steering_reward(tiny_ove
     metrics = summary["history"][0]
     assert summary["trainer"].model.latent_shape == (3, 32, 32)
     assert math.isfinite(metrics["reward_mean/all"]) and metrics["train/grad_norm"] > 0
+
+
+def test_rewards_are_logged_per_prompt_kind(tiny_overrides, tmp_path, caplog):
+    prompts = tmp_path / "mixed.csv"
+    prompts.write_text(
+        "prompt,kind\na red apple,safe\na blue car,safe\na skull,unsafe\na knife,unsafe\n"
+    )
+    cfg = load_config(None, [*tiny_overrides, f"prompts.file={prompts}"])
+    with caplog.at_level("INFO"):
+        metrics = train(cfg)["history"][0]
+    n_safe, n_unsafe = metrics["reward_count/safe"], metrics["reward_count/unsafe"]
+    assert n_safe + n_unsafe == metrics["reward_count/all"] == 8
+    assert n_safe % 4 == 0 and n_unsafe % 4 == 0  # whole groups of K=4 share a prompt
+    if n_safe and n_unsafe:
+        weighted = (
+            metrics["reward_mean/safe"] * n_safe + metrics["reward_mean/unsafe"] * n_unsafe
+        ) / 8
+        assert weighted == pytest.approx(metrics["reward_mean/all"], rel=1e-6)
+    assert "reward[all]=" in caplog.text

@@ -88,6 +88,23 @@ def _parse_csv(path: Path) -> list[str]:
     return [row.prompt for row in load_prompt_set(path).rows]
 
 
+KIND_COLUMN = "kind"
+"""CSV column that labels each training prompt (e.g. safe / unsafe) for per-kind reward logs."""
+
+
+def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
+    """(prompts, kinds) for `spec`: kinds from a CSV's 'kind' column (CoPro-style pair files set
+    it too), else 'all' for every prompt. Prompts are exactly `load_prompts(spec)`."""
+    path = Path(spec).expanduser()
+    if not spec.startswith(BUILTIN_PREFIX) and path.suffix.lower() == ".csv" and path.is_file():
+        from safediff.eval.prompt_sets import load_prompt_set
+
+        rows = load_prompt_set(path).rows
+        return [r.prompt for r in rows], [r.extra.get(KIND_COLUMN) or "all" for r in rows]
+    prompts = load_prompts(spec)
+    return prompts, ["all"] * len(prompts)
+
+
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[int]:
     """Indices of `n` prompts drawn uniformly with replacement (one per group of an epoch).
 

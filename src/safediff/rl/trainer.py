@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.prompts import load_prompts, sample_prompts
+from safediff.prompts import load_prompt_kinds, sample_prompts
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
@@ -98,12 +98,22 @@ class GRPOTrainer:
     """
 
     def __init__(
-        self, cfg: TrainConfig, model: T2IModel, reward: RewardFn, prompts: list[str], accelerator
+        self,
+        cfg: TrainConfig,
+        model: T2IModel,
+        reward: RewardFn,
+        prompts: list[str],
+        accelerator,
+        kinds: list[str] | None = None,
     ) -> None:
+        """kinds: a label per prompt (e.g. 'safe' / 'unsafe') for per-kind reward logs."""
         self.cfg = cfg
         self.model = model
         self.reward = reward
         self.prompts = prompts
+        self.kinds = kinds or ["all"] * len(prompts)
+        if len(self.kinds) != len(prompts):
+            raise SafediffError(f"{len(self.kinds)} prompt kinds for {len(prompts)} prompts")
         self.acc = accelerator
         self.run_dir = Path(cfg.run.output_dir)
         self.device = accelerator.device
@@ -182,6 +192,10 @@ class GRPOTrainer:
         )
         local = self._local_indices()
         prompts = [self.prompts[prompt_idx[g // cfg.grpo.group_size]] for g in local]
+        # kinds of every sample of the epoch (all processes), for the per-kind reward logs
+        self.epoch_kinds = [
+            self.kinds[prompt_idx[g // cfg.grpo.group_size]] for g in range(self.total_samples)
+        ]
         gens = [generator(derive_seed(cfg.run.seed, "noise", epoch, g)) for g in local]
         prompt_embeds = self.model.encode_text(prompts, self.device)
         negative = (
@@ -366,7 +380,11 @@ class GRPOTrainer:
             adv.advantages.detach().cpu(),
         )
         metrics: dict[str, float] = {"epoch": float(epoch)}
-        metrics.update(summarize_rewards(all_rewards.cpu(), ["all"] * self.total_samples))
+        metrics.update(summarize_rewards(all_rewards.cpu(), self.epoch_kinds))
+        for kind in set(self.kinds) - {"all"}:  # same keys every epoch, drawn or not
+            metrics.setdefault(f"reward_count/{kind}", 0.0)
+            metrics.setdefault(f"reward_mean/{kind}", float("nan"))
+            metrics.setdefault(f"reward_std/{kind}", float("nan"))
         metrics["groups/total"] = float(adv.n_groups)
         metrics["groups/zero_spread_skipped"] = float(adv.n_zero_spread)
         metrics["groups/nan_skipped"] = float(adv.n_nan_groups)
@@ -448,7 +466,7 @@ def train(
     acc = Accelerator(
         mixed_precision=cfg.run.mixed_precision, log_with=_trackers(cfg), project_dir=str(run_dir)
     )
-    prompts = load_prompts(cfg.prompts.file)
+    prompts, kinds = load_prompt_kinds(cfg.prompts.file)
     start_ckpt = _find_resume(run_dir, resume)
     if start_ckpt is not None:
         _check_resume_config(run_dir, cfg)
@@ -460,7 +478,7 @@ def train(
         model = load_t2i_model(cfg.model, device=acc.device)
     if reward is None:
         reward = build_reward(cfg.reward, device=acc.device)
-    trainer = GRPOTrainer(cfg, model, reward, prompts, acc)
+    trainer = GRPOTrainer(cfg, model, reward, prompts, acc, kinds=kinds)
     start_epoch = 0
     if start_ckpt is not None:
         start_epoch = ckpt.load_checkpoint(
@@ -548,17 +566,20 @@ def _trackers(cfg: TrainConfig) -> list[str] | None:
 
 
 def _format_metrics(m: dict[str, float]) -> str:
-    keys = [
-        "reward_mean/all",
-        "reward_std/all",
-        "groups/zero_spread_skipped",
-        "train/loss",
-        "train/clip_fraction",
-        "train/approx_kl",
-        "train/grad_norm",
-        "perf/samples_per_s",
+    """One console line: the reward per prompt kind, then the health of the update."""
+    rewards = [
+        f"reward[{k.split('/', 1)[1]}]={v:.4g}"
+        for k, v in m.items()
+        if k.startswith("reward_mean/")
     ]
-    parts = [f"epoch {int(m['epoch'])}"] + [
-        f"{k.replace('/all', '').split('/')[-1]}={m[k]:.4g}" for k in keys if k in m
-    ]
-    return " ".join(parts)
+    keys = {
+        "groups/zero_spread_skipped": "zero_spread",
+        "groups/nan_skipped": "nan_groups",
+        "train/loss": "loss",
+        "train/clip_fraction": "clip_frac",
+        "train/approx_kl": "approx_kl",
+        "train/grad_norm": "grad_norm",
+        "perf/samples_per_s": "samples/s",
+    }
+    health = [f"{label}={m[k]:.4g}" for k, label in keys.items() if k in m]
+    return " ".join([f"epoch {int(m['epoch'])}", *rewards, *health])
