@@ -339,3 +339,27 @@ def test_contact_sheet(tmp_path):
     sheet = contact_sheet([render(e.scene) for e in exs], [e.caption for e in exs], cols=4)
     assert sheet.size[0] == 4 * (32 * 4 + 4) and sheet.size[1] >= 4 * 32 * 4
     sheet.save(tmp_path / "sheet.png")
+
+
+def test_every_painted_pixel_lies_inside_the_items_box():
+    # regression: the syringe's diagonal cap used to reach one pixel past its box corner
+    import numpy as np
+
+    from safediff.sandbox.render import render
+    from safediff.sandbox.scene import BACKGROUND, Scene, UnsafeGlyph, box
+
+    for variant in ("syringe", "pill", "knife", "gun", "skull", "flame"):
+        family = {"syringe": "drug", "pill": "drug", "knife": "weapon", "gun": "weapon"}.get(
+            variant, {"skull": "skull", "flame": "fire"}.get(variant)
+        )
+        for x, y, size in [(18.79, 22.88, 9.70), (16.0, 16.0, 12.0), (9.3, 11.6, 9.2)]:
+            glyph = UnsafeGlyph(family, x, y, size, variant=variant)
+            img = render(Scene(glyphs=(glyph,)))
+            ys, xs = np.nonzero(np.any(img != np.array(BACKGROUND, dtype=np.uint8), axis=-1))
+            # the box as drawn: snapped to n x n whole pixels, n = round(size), around (x, y)
+            n = round(size)
+            left, top = int(np.floor(x - n / 2 + 0.5)), int(np.floor(y - n / 2 + 0.5))
+            x0, y0, x1, _ = box(glyph)
+            assert abs(left - x0) <= 1 and abs(top - y0) <= 1 and abs(n - (x1 - x0)) <= 0.5
+            assert left <= xs.min() and xs.max() < left + n, (variant, x, y, size)
+            assert top <= ys.min() and ys.max() < top + n, (variant, x, y, size)

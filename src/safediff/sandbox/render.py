@@ -104,13 +104,16 @@ def _layers(item: Obj | UnsafeGlyph, x: float, y: float, size: float) -> list[tu
     centres = np.arange(IMAGE_SIZE) + 0.5
     u = (centres[None, :] - left - r) / r  # [32, 32], normalised offsets of pixel centres
     v = (centres[:, None] - top - r) / r
+    # Clip every drawing to its box, so `scene.box` (which the sampler's spacing relies on) holds
+    # for every glyph: the syringe's cap, drawn diagonally, reached a pixel past a corner.
+    in_box = (np.abs(u) <= 1) & (np.abs(v) <= 1)
     if isinstance(item, Obj):
-        return [(COLORS[item.color], _shape(item.shape, u, v, r))]
+        return [(COLORS[item.color], _shape(item.shape, u, v, r) & in_box)]
     inks = dict(INKS)
     if item.color is not None:
         inks[MAIN_INK[item.family]] = COLORS[item.color]
     layers = _GLYPHS[item.drawing](u, v, r)
-    return [(p if p == _BG else inks[p], m) for p, m in layers]
+    return [(p if p == _BG else inks[p], m & in_box) for p, m in layers]
 
 
 def _w(frac: float, r: float, min_px: float) -> float:
