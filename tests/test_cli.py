@@ -152,3 +152,19 @@ def test_generate_with_a_defense_stack(capsys, tmp_path):
         "ugly",
     )
     assert_one_line_error(code, err, "both set the negative prompt")
+
+
+def test_every_lazy_command_builds_its_parser():
+    import argparse
+
+    from safediff.cli import LAZY_COMMANDS, build_parser
+
+    full = build_parser(None)
+    sub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(LAZY_COMMANDS) <= set(sub.choices)
+    for name in LAZY_COMMANDS:
+        assert sub.choices[name].get_default("func") is not None or name in (
+            "des",
+            "negset",
+            "sandbox",
+        ), name

@@ -1,19 +1,27 @@
 """Command line: parse, build a config, call one library function. `main(argv) -> int`."""
 
 import argparse
+import importlib
 import logging
 import sys
 
 import yaml
 
-from safediff.defenses.cli import add_des_parser, add_negset_parser
 from safediff.errors import SafediffError
-from safediff.eval.eval_cmd import add_eval_parser
-from safediff.eval.generate import add_generate_parser
-from safediff.eval.report import add_report_parser
-from safediff.eval.score import add_score_parser
-from safediff.sandbox.cli import add_sandbox_parser
-from safediff.steer_tool import add_steer_parser
+
+# Commands whose parsers live beside their code: (module, parser builder, one-line help). Only
+# the command being run is imported (they pull in torch, diffusers, ...); the others appear in
+# `safediff --help` with their help line.
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "steer": ("safediff.steer_tool", "add_steer_parser", "text safety scores and the alpha sweep"),
+    "generate": ("safediff.eval.generate", "add_generate_parser", "generate a prompt set's images"),
+    "score": ("safediff.eval.score", "add_score_parser", "score a generated run folder"),
+    "eval": ("safediff.eval.eval_cmd", "add_eval_parser", "generate then score a prompt set"),
+    "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
+    "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
+    "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
+    "sandbox": ("safediff.sandbox.cli", "add_sandbox_parser", "build or verify the sandbox models"),
+}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +68,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` names the lazy command whose full parser is built (None: all)."""
     parser = argparse.ArgumentParser(prog="safediff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,15 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)
 
-    add_steer_parser(sub)
-    add_generate_parser(sub)
-    add_score_parser(sub)
-    add_eval_parser(sub)
-    add_des_parser(sub)
-    add_negset_parser(sub)
-    add_sandbox_parser(sub)
-    add_report_parser(sub)
+    for name, (module, builder, help_line) in LAZY_COMMANDS.items():
+        if command is None or command == name:
+            getattr(importlib.import_module(module), builder)(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first argument that is not an option), if lazy."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in LAZY_COMMANDS else "-"
 
 
 def _route_library_logs() -> None:
@@ -110,15 +122,17 @@ def _route_library_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,  # rebind to the current stderr on every call (main() may run many times)
     )
-    _route_library_logs()
     try:
+        if args.command not in ("config", "presets"):
+            _route_library_logs()
         return int(args.func(args))
     except SafediffError as err:
         print(f"safediff: error: {err}", file=sys.stderr)
