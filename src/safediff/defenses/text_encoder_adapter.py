@@ -182,12 +182,17 @@ def load_text_encoder_adapter(
     revision: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> CLIPTextEncoderAdapter:
-    """The CLIP text encoder and tokenizer of a base model, without loading its UNet or VAE.
+) -> TextEncoderAdapter:
+    """The text encoder and tokenizer of a base model, without loading its UNet or VAE.
 
-    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), a diffusers pipeline folder, or a
-    hub id (read from the local cache when HF_HUB_OFFLINE is set).
+    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), "sandbox" (the sandbox's MiniLM), a
+    diffusers pipeline folder, or a hub id (read from the local cache when HF_HUB_OFFLINE is set).
     """
+    if pretrained == "sandbox":
+        from safediff.sandbox.text_encoder import MiniLMTextEncoderAdapter, load_text_encoder
+
+        minilm = load_text_encoder(device)
+        return MiniLMTextEncoderAdapter(minilm.tokenizer, minilm.model)
     if pretrained in TINY_MODELS:
         from safediff.models.tiny_sd import build_tiny_sd
 

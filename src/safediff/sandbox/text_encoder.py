@@ -117,3 +117,81 @@ def load_text_encoder(device: torch.device | str = "cpu") -> SandboxTextEncoder:
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = BertModel.from_pretrained(str(path), local_files_only=True)
     return SandboxTextEncoder(model.to(device), tokenizer)
+
+
+class MiniLMTextEncoderAdapter:
+    """The sandbox's MiniLM as a `safediff.defenses.text_encoder_adapter.TextEncoderAdapter`, so
+    DES can train it and `des:FOLDER` can swap it into a sandbox model.
+
+    encode() gives the token states a sandbox UNet consumes (padded / truncated to MAX_LENGTH),
+    with gradient when enabled; saved encoders are transformers BertModel folders.
+    """
+
+    def __init__(self, tokenizer, model: nn.Module) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            raise SafediffError("encode takes a list of prompts, got a single string")
+        batch = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_LENGTH,
+            return_tensors="pt",
+        )
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return self.model(**batch).last_hidden_state  # [B, MAX_LENGTH, 384]
+
+    def clone(self) -> "MiniLMTextEncoderAdapter":
+        import copy
+
+        return MiniLMTextEncoderAdapter(self.tokenizer, copy.deepcopy(self.model))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)  # config.json + model.safetensors
+        return folder
+
+    def load(self, folder: str | Path) -> "MiniLMTextEncoderAdapter":
+        from transformers import BertModel
+
+        where = Path(folder).expanduser().resolve()
+        if not (where / "config.json").is_file():
+            raise SafediffError(f"{where} is not a text encoder folder (no config.json)")
+        try:
+            module = BertModel.from_pretrained(str(where), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise SafediffError(
+                f"could not load a MiniLM text encoder from {where}: {err}"
+            ) from None
+        if module.config.hidden_size != self.model.config.hidden_size:
+            raise SafediffError(
+                f"text encoder {where} has width {module.config.hidden_size}, the sandbox's has "
+                f"{self.model.config.hidden_size}; train DES on the sandbox model"
+            )
+        device = next(self.model.parameters()).device
+        return MiniLMTextEncoderAdapter(self.tokenizer, module.to(device))
+
+    def swap_into(self, model):
+        """A copy of the sandbox `model` whose prompts go through this (frozen) encoder."""
+        import dataclasses
+
+        encoder = SandboxTextEncoder(self.model, self.tokenizer)  # eval, no grad
+
+        def encode_text(prompts: list[str], device) -> torch.Tensor:
+            return encoder.token_states(prompts, device=device)
+
+        components = {
+            **model.components,
+            "text_encoder": encoder.model,
+            "text_encoder_adapter": MiniLMTextEncoderAdapter(self.tokenizer, encoder.model),
+        }
+        return dataclasses.replace(model, encode_text=encode_text, components=components)

@@ -33,6 +33,7 @@ from safediff.sandbox.text_encoder import (
     HIDDEN_SIZE,
     MAX_LENGTH,
     NAME,
+    MiniLMTextEncoderAdapter,
     SandboxTextEncoder,
     load_text_encoder,
 )
@@ -140,7 +141,14 @@ def sandbox_t2i(
         decode=decode_pixels,
         schedule=DDIMSchedule.from_scheduler_config(dict(scheduler_config)),
         latent_shape=IMAGE_SHAPE,
-        components={"text_encoder": text_encoder.model, "tokenizer": text_encoder.tokenizer},
+        components={
+            "text_encoder": text_encoder.model,
+            "tokenizer": text_encoder.tokenizer,
+            # DES and `des:FOLDER` defenses train / swap the MiniLM through this adapter
+            "text_encoder_adapter": MiniLMTextEncoderAdapter(
+                text_encoder.tokenizer, text_encoder.model
+            ),
+        },
         source=source,
     )
 
