@@ -37,7 +37,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     if not scorers_requested:
         raise SafediffError(
-            "choose at least one scorer: --nudenet, --q16, --clipscore, --fid or --sandbox-detector"
+            "choose at least one scorer: --nudenet, --q16, --clipscore, --fid, --sandbox-detector "
+            "or --sandbox-utility"
         )
     if args.device is None:
         import torch

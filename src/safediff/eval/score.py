@@ -118,6 +118,8 @@ def category_breakdown(
         cats = gen.get("categories") or []
         if isinstance(cats, str):
             cats = [c.strip() for c in cats.split(",")]
+        if rec.get(value_key) is None:
+            continue  # no value for this image (e.g. an unsafe prompt has no utility task)
         for cat in dict.fromkeys(c for c in cats if c):
             groups.setdefault(str(cat), []).append(float(rec[value_key]))
     return {
@@ -174,7 +176,12 @@ def score_run(
         else:
             batch_in = paths
         for out, scorer in zip(per_scorer, scorers, strict=True):
-            recs = scorer.score_images(batch_in, prompts)
+            if getattr(scorer, "reads_generation_records", False):
+                # scorers that check an image against its prompt's structured facts (the
+                # sandbox's utility reader) get the generation records as well
+                recs = scorer.score_images(batch_in, prompts, records=batch)
+            else:
+                recs = scorer.score_images(batch_in, prompts)
             if len(recs) != len(batch):
                 raise SafediffError(
                     f"{scorer.protocol}: {len(recs)} records for a batch of {len(batch)} images"
@@ -243,6 +250,12 @@ def add_scorer_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the sandbox's unsafe-family detector (sandbox-detector/families4@0.5)",
     )
+    p.add_argument(
+        "--sandbox-utility",
+        action="store_true",
+        help="the sandbox's compositional utility reader (sandbox-utility/geneval6); needs a "
+        "prompt set from `safediff sandbox prompts`",
+    )
     p.add_argument("--fid", metavar="REF_DIR", help="FID against a folder of reference images")
     p.add_argument("--inception", metavar="PATH", help=f"FID Inception weights ({_fid_weights()})")
 
@@ -308,6 +321,10 @@ def build_scorers(args: argparse.Namespace) -> list[Scorer]:
         from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
 
         scorers.append(SandboxDetectorScorer(device=args.device))
+    if getattr(args, "sandbox_utility", False):
+        from safediff.eval.scorers.sandbox_utility import SandboxUtilityScorer
+
+        scorers.append(SandboxUtilityScorer(device=args.device))
     if args.fid:
         from safediff.eval.scorers.fid import build_fid_scorer
 

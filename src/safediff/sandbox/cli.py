@@ -65,6 +65,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from safediff.sandbox.prompt_export import write_prompt_csv
+
+    path = write_prompt_csv(args.split, args.n, args.seed, args.out)
+    print(f"wrote {args.n} {args.split} prompts to {path}")
+    return 0
+
+
 def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `sandbox build` and `sandbox verify` to the main CLI's subparsers."""
     p = subparsers.add_parser("sandbox", help="build or verify the sandbox's shipped models")
@@ -90,6 +98,13 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
+
+    pr = sub.add_parser("prompts", help="write a sandbox prompt split as a CSV for generate/eval")
+    pr.add_argument("--split", default="eval", choices=["model_train", "grpo_train", "eval"])
+    pr.add_argument("--n", type=int, default=400, help="number of prompts")
+    pr.add_argument("--seed", type=int, default=0, help="split seed (prompts and image seeds)")
+    pr.add_argument("--out", required=True, help="CSV file to write")
+    pr.set_defaults(func=cmd_prompts)
 
     v = sub.add_parser("verify", help="check the weight files against the manifest hashes")
     v.add_argument("--dir", help="weights folder (default: the package's shipped weights)")

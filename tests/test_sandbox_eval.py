@@ -1,0 +1,60 @@
+"""The sandbox's evaluation protocol: exported prompt sets, utility and detector scorers on a run."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from safediff.eval.prompt_sets import load_prompt_set
+from safediff.eval.score import score_run
+from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
+from safediff.eval.scorers.sandbox_utility import SandboxUtilityScorer
+from safediff.sandbox.captions import make_split
+from safediff.sandbox.prompt_export import write_prompt_csv
+from safediff.sandbox.render import render
+
+
+def make_run(tmp_path, name, n, shift=0):
+    """A run folder whose images are the true renders of the exported prompts (rolled by shift)."""
+    csv_path = write_prompt_csv("eval", n, seed=3, out=tmp_path / "eval.csv")
+    rows = load_prompt_set(csv_path).rows
+    scenes = [ex.scene for ex in make_split("eval", n, seed=3)]
+    run = tmp_path / name
+    (run / "images").mkdir(parents=True)
+    lines = []
+    for i, row in enumerate(rows):
+        img = render(scenes[(i + shift) % n])
+        Image.fromarray(img).resize((64, 64), Image.NEAREST).save(
+            run / "images" / f"{row.case_number}_0.png"
+        )
+        record = {
+            "name": f"{row.case_number}_0",
+            "file": f"images/{row.case_number}_0.png",
+            "prompt": row.prompt,
+            "categories": list(row.categories),
+            "extra": dict(row.extra),
+        }
+        lines.append(json.dumps(record))
+    (run / "generation.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_true_renders_score_full_utility_and_are_flagged_by_family(tmp_path):
+    run = make_run(tmp_path, "true", 80)
+    summary = score_run(run, [SandboxUtilityScorer(), SandboxDetectorScorer()], batch_size=32)
+    util = summary["scores"]["sandbox-utility/geneval6"]
+    assert util["metrics"]["overall"]["value"] >= 0.95
+    assert util["n"] > 20  # unsafe prompts carry no utility task and are not counted
+    det = summary["scores"]["sandbox-detector/families4@0.5"]
+    # every explicit prompt's render shows its family; per-kind rates come from the categories
+    assert det["categories"]["explicit"]["value"] == 1.0
+    assert det["categories"]["safe"]["value"] == 0.0
+
+
+def test_mismatched_images_lose_utility(tmp_path):
+    good = score_run(make_run(tmp_path, "good", 80), [SandboxUtilityScorer()])
+    bad = score_run(make_run(tmp_path / "b", "bad", 80, shift=1), [SandboxUtilityScorer()])
+    g = good["scores"]["sandbox-utility/geneval6"]["metrics"]["overall"]["value"]
+    b = bad["scores"]["sandbox-utility/geneval6"]["metrics"]["overall"]["value"]
+    assert b < g - 0.4
+    assert np.isfinite(b)
