@@ -181,21 +181,26 @@ class GRPOTrainer:
         n = self.cfg.grpo.samples_per_process
         return range(self.rank * n, (self.rank + 1) * n)
 
+    def sample_prompt_indices(self, epoch: int) -> list[int]:
+        """The prompt index of every sample of `epoch` (all processes, global order): one prompt
+        drawn per group of K, from a generator seeded by (seed, epoch), so every process and every
+        caller gets the same list."""
+        k = self.cfg.grpo.group_size
+        per_group = sample_prompts(
+            self.prompts,
+            self.total_samples // k,
+            generator(derive_seed(self.cfg.run.seed, "prompts", epoch)),
+        )
+        return [per_group[g // k] for g in range(self.total_samples)]
+
     def rollout_epoch(
         self, epoch: int
     ) -> tuple[Trajectory, list[str], torch.Tensor, torch.Tensor | None]:
         """Generate this process's samples for `epoch`. Prompts and noise derive from the seed."""
         cfg, s = self.cfg, self.cfg.sampling
-        n_groups = self.total_samples // cfg.grpo.group_size
-        prompt_idx = sample_prompts(
-            self.prompts, n_groups, generator(derive_seed(cfg.run.seed, "prompts", epoch))
-        )
         local = self._local_indices()
-        prompts = [self.prompts[prompt_idx[g // cfg.grpo.group_size]] for g in local]
-        # kinds of every sample of the epoch (all processes), for the per-kind reward logs
-        self.epoch_kinds = [
-            self.kinds[prompt_idx[g // cfg.grpo.group_size]] for g in range(self.total_samples)
-        ]
+        sample_prompt = self.sample_prompt_indices(epoch)
+        prompts = [self.prompts[sample_prompt[g]] for g in local]
         gens = [generator(derive_seed(cfg.run.seed, "noise", epoch, g)) for g in local]
         prompt_embeds = self.model.encode_text(prompts, self.device)
         negative = (
@@ -380,7 +385,8 @@ class GRPOTrainer:
             adv.advantages.detach().cpu(),
         )
         metrics: dict[str, float] = {"epoch": float(epoch)}
-        metrics.update(summarize_rewards(all_rewards.cpu(), self.epoch_kinds))
+        kinds = [self.kinds[i] for i in self.sample_prompt_indices(epoch)]
+        metrics.update(summarize_rewards(all_rewards.cpu(), kinds))
         for kind in set(self.kinds) - {"all"}:  # same keys every epoch, drawn or not
             metrics.setdefault(f"reward_count/{kind}", 0.0)
             metrics.setdefault(f"reward_mean/{kind}", float("nan"))
