@@ -60,6 +60,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize((summed / counts).to(torch.float32), dim=-1)
 
 
+def _run_minilm(
+    model: nn.Module, tokenizer, prompts: Sequence[str], **tok_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise (truncating, plus `tok_kwargs`) and run MiniLM on the model's device:
+    (last hidden state [B, L, 384], attention mask [B, L]). Gradient as the caller has it."""
+    if isinstance(prompts, str):
+        raise SafediffError("the text encoder takes a list of prompts, got a single string")
+    batch = tokenizer(list(prompts), truncation=True, return_tensors="pt", **tok_kwargs)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return model(**batch).last_hidden_state, batch["attention_mask"]
+
+
 class SandboxTextEncoder:
     """Frozen all-MiniLM-L6-v2 (BertModel in eval mode, no gradients) and its tokenizer.
 
@@ -83,14 +96,8 @@ class SandboxTextEncoder:
         return self
 
     def _forward(self, prompts: Sequence[str], **tok_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str):
-            raise SafediffError("the text encoder takes a list of prompts, got a single string")
-        batch = self.tokenizer(list(prompts), truncation=True, return_tensors="pt", **tok_kwargs)
-        device = self.device
-        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            hidden = self.model(**batch).last_hidden_state  # [B, L, 384]
-        return hidden, batch["attention_mask"]
+            return _run_minilm(self.model, self.tokenizer, prompts, **tok_kwargs)
 
     def token_states(
         self, prompts: Sequence[str], device: torch.device | str | None = None
@@ -136,18 +143,10 @@ class MiniLMTextEncoderAdapter:
         return self.model
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        if isinstance(prompts, str):
-            raise SafediffError("encode takes a list of prompts, got a single string")
-        batch = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=MAX_LENGTH,
-            return_tensors="pt",
+        hidden, _ = _run_minilm(
+            self.model, self.tokenizer, prompts, padding="max_length", max_length=MAX_LENGTH
         )
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return self.model(**batch).last_hidden_state  # [B, MAX_LENGTH, 384]
+        return hidden  # [B, MAX_LENGTH, 384], with gradient when enabled
 
     def clone(self) -> "MiniLMTextEncoderAdapter":
         import copy
