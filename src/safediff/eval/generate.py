@@ -512,6 +512,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from safediff.eval.model_spec import parse_model_spec
     from safediff.eval.prompt_sets import load_prompt_set
     from safediff.models.loading import load_t2i_model
+    from safediff.rewards.encoders.base import parse_dtype
 
     if args.limit is not None and args.limit < 1:
         raise SafediffError(f"--limit must be >= 1, got {args.limit}")
@@ -533,8 +534,7 @@ def run_generate(args: argparse.Namespace) -> int:
         device = accelerator.device
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model = load_t2i_model(cfg, device=device, dtype=dtype[args.dtype])
+    model = load_t2i_model(cfg, device=device, dtype=parse_dtype(args.dtype))
     result = generate(
         model,
         rows,

@@ -40,7 +40,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safediff.errors import SafediffError
@@ -170,7 +170,7 @@ def load_prompt_set(
                     "be unique"
                 )
             seen_cases[row.case_number] = where
-        rows.append(_with_index(row, len(rows)))
+        rows.append(replace(row, index=len(rows)))
     if long_rows:
         logger.warning(
             "%s: skipped %d prompt(s) longer than %d characters (%s); the CLIP text encoder "
@@ -390,20 +390,6 @@ def _parse_int(
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _with_index(row: PromptRow, index: int) -> PromptRow:
-    return PromptRow(
-        index=index,
-        prompt=row.prompt,
-        seed=row.seed,
-        guidance=row.guidance,
-        width=row.width,
-        height=row.height,
-        case_number=row.case_number,
-        categories=row.categories,
-        extra=row.extra,
-    )
 
 
 def _few(items: list[str], n: int = 5) -> str:
