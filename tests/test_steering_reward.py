@@ -15,6 +15,7 @@ from safediff.rewards.anchors import AnchorSet, load_anchor_set
 from safediff.rewards.clip_rewards import (
     build_alignment_reward,
     build_steering_reward,
+    build_unsafe_penalty_reward,
     build_weighted_reward,
     reward_builders,
 )
@@ -306,10 +307,30 @@ def test_alignment_reward_is_cosine(hf_spec):
 
 def test_reward_builders_table():
     table = reward_builders()
-    assert set(table) == {"steering", "alignment", "weighted"}
+    assert set(table) == {"steering", "alignment", "weighted", "unsafe_penalty"}
     for builder in table.values():
         assert "device" in inspect.signature(builder).parameters
     with pytest.raises(SafediffError, match="alpha must be a finite number"):
         build_steering_reward(FakeEncoder(), anchors=ANCHORS, alpha=float("nan"))
     with pytest.raises(SafediffError, match="unknown anchor set"):
         build_steering_reward(FakeEncoder(), anchors="nope")
+
+
+def test_negative_only_reward_penalises_the_unsafe_mean_and_ignores_prompts():
+    reward = build_unsafe_penalty_reward(FakeEncoder(), anchors=ANCHORS)
+    images = torch.stack([SAFE_IMG, UNSAFE_IMG])
+    u = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(
+            torch.tensor([TEXT["explicit nudity"], TEXT["porn"]]), dim=-1
+        ).mean(0),
+        dim=0,
+    )
+    img = torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
+    got = reward(images, ["a nude person", "a nude person"])
+    assert torch.allclose(got, -(img @ u), atol=1e-6)
+    assert got[0] > got[1]  # the safe rendering scores higher
+    assert torch.equal(got, reward(images, ["a person in a park", "a safe image"]))
+    with pytest.raises(SafediffError, match="no unsafe phrases"):
+        build_unsafe_penalty_reward(
+            FakeEncoder(), anchors=AnchorSet("s", ("a safe image",), (), "t")
+        )

@@ -6,6 +6,8 @@ Shipped sets live in `safediff/data/anchors/NAME.yaml` with keys `safe` (list of
   compact         5 + 3: the public compact set of SafeDiffusion-R1's released code
   extended        25 + 20: written for safediff across seven harm categories (not the paper's)
   empty_positive  0 + 3: the ablation without safe anchors (v_safe = normalize(-mean(unsafe)))
+  sandbox         3 + 3: for the sandbox world's stand-in families (weapon, skull, fire)
+  sandbox_empty_positive  0 + 3: the sandbox set without its safe phrases
 
 A user set is any YAML file with the same keys, given by path.
 """

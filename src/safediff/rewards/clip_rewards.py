@@ -23,6 +23,7 @@ from safediff.rewards.anchors import AnchorSet, load_anchor_set
 from safediff.rewards.encoders import load_encoder
 from safediff.rewards.encoders.base import ImageTextEncoder, is_finite_number, parse_dtype
 from safediff.rewards.steering_reward import SteeringReward
+from safediff.rewards.unsafe_penalty import UnsafePenaltyReward
 from safediff.rewards.weighted import WeightedReward
 
 
@@ -165,10 +166,30 @@ def build_weighted_reward(
     return WeightedReward(built)
 
 
+def build_unsafe_penalty_reward(
+    encoder: str | ImageTextEncoder,
+    anchors: str | AnchorSet = "compact",
+    dtype: str = "float32",
+    precision: str | None = None,
+    autocast: str | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> UnsafePenaltyReward:
+    """The negative-only reward (-cos(image, mean unsafe anchor)) from plain params."""
+    anchor_set = anchors if isinstance(anchors, AnchorSet) else load_anchor_set(anchors)
+    return UnsafePenaltyReward(
+        _encoder(encoder, device, dtype, precision),
+        anchor_set,
+        autocast_dtype=_autocast(autocast),
+        chunk_size=chunk_size,
+    )
+
+
 def reward_builders() -> dict[str, Callable[..., Any]]:
     """Reward name -> builder(**params, device=...) for the registry to merge."""
     return {
         "steering": build_steering_reward,
         "alignment": build_alignment_reward,
         "weighted": build_weighted_reward,
+        "unsafe_penalty": build_unsafe_penalty_reward,
     }

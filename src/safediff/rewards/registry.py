@@ -20,6 +20,7 @@ from safediff.rewards.brightness import BrightnessReward
 from safediff.rewards.clip_rewards import (
     build_alignment_reward,
     build_steering_reward,
+    build_unsafe_penalty_reward,
     build_weighted_reward,
 )
 
@@ -27,6 +28,7 @@ REWARD_BUILDERS: dict[str, Callable[..., RewardFn]] = {
     "brightness": BrightnessReward,
     "steering": build_steering_reward,
     "alignment": build_alignment_reward,
+    "unsafe_penalty": build_unsafe_penalty_reward,
 }
 # A weighted sum may name any registered reward (plug-ins included) as a component.
 REWARD_BUILDERS["weighted"] = functools.partial(build_weighted_reward, builders=REWARD_BUILDERS)
