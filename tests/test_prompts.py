@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safediff.errors import SafediffError
-from safediff.prompts import builtin_names, load_prompts, sample_prompts
+from safediff.prompts import builtin_names, load_prompt_kinds, load_prompts, sample_prompts
 
 
 def test_builtin_smoke():
@@ -177,3 +177,21 @@ def test_prompt_kinds_from_a_kind_column_or_all(tmp_path):
     t.write_text("one\ntwo\n", encoding="utf-8")
     assert load_prompt_kinds(str(t)) == (["one", "two"], ["all", "all"])
     assert load_prompt_kinds("builtin:smoke")[0] == load_prompts("builtin:smoke")
+
+
+def test_sandbox_split_spec_gives_grammar_captions_with_their_kinds():
+    from safediff.sandbox.captions import KINDS, make_split
+
+    prompts, kinds = load_prompt_kinds("sandbox:grpo_train:50")
+    assert prompts == [e.caption for e in make_split("grpo_train", 50, seed=0)]
+    assert len(kinds) == 50 and set(kinds) <= set(KINDS) and "safe" in kinds
+    assert load_prompts("sandbox:eval:7") == [e.caption for e in make_split("eval", 7, seed=0)]
+    assert len(load_prompts("sandbox:grpo_train")) == 2000
+
+
+@pytest.mark.parametrize(
+    "spec", ["sandbox:nope", "sandbox:eval:0", "sandbox:eval:x", "sandbox:eval:3:4"]
+)
+def test_bad_sandbox_spec_is_a_one_line_error(spec):
+    with pytest.raises(SafediffError, match="sandbox prompt spec"):
+        load_prompts(spec)

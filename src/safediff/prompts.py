@@ -2,6 +2,9 @@
 
 A prompt spec is one of
 - 'builtin:NAME': a list shipped with safediff (src/safediff/data/prompts/NAME.txt);
+- 'sandbox:SPLIT' or 'sandbox:SPLIT:N': N captions (default 2000) of the sandbox grammar's split
+  (model_train, grpo_train or eval), drawn with seed 0; each labelled with its caption kind
+  (safe, explicit, implicit, synonym, negation, keyword_minimal) for per-kind reward logs;
 - a path ending in .csv: the prompt column of any convention the evaluation loader reads
   (`safediff.eval.prompt_sets`: I2P, MMA-Diffusion's adv_prompt, COCO, CoPro, a plain 'prompt'
   column); rows with an empty prompt are skipped and counted in a logged warning;
@@ -23,6 +26,8 @@ from safediff.errors import SafediffError
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
+SANDBOX_PREFIX = "sandbox:"
+SANDBOX_DEFAULT_N = 2000
 
 
 def builtin_names() -> list[str]:
@@ -36,6 +41,8 @@ def load_prompts(spec: str) -> list[str]:
 
     Returns a non-empty list of stripped prompts, in file order (duplicates kept).
     """
+    if spec.startswith(SANDBOX_PREFIX):
+        return _sandbox_split(spec)[0]
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         names = builtin_names()
@@ -95,6 +102,8 @@ KIND_COLUMN = "kind"
 def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
     """(prompts, kinds) for `spec`: kinds from a CSV's 'kind' column (CoPro-style pair files set
     it too), else 'all' for every prompt. Prompts are exactly `load_prompts(spec)`."""
+    if spec.startswith(SANDBOX_PREFIX):
+        return _sandbox_split(spec)
     path = Path(spec).expanduser()
     if not spec.startswith(BUILTIN_PREFIX) and path.suffix.lower() == ".csv" and path.is_file():
         from safediff.eval.prompt_sets import load_prompt_set
@@ -103,6 +112,21 @@ def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
         return [r.prompt for r in rows], [r.extra.get(KIND_COLUMN) or "all" for r in rows]
     prompts = load_prompts(spec)
     return prompts, ["all"] * len(prompts)
+
+
+def _sandbox_split(spec: str) -> tuple[list[str], list[str]]:
+    """(captions, kinds) of 'sandbox:SPLIT[:N]' (seed 0)."""
+    from safediff.sandbox.captions import SPLITS, make_split
+
+    parts = spec[len(SANDBOX_PREFIX) :].split(":")
+    split, n_text = parts[0], parts[1] if len(parts) > 1 else str(SANDBOX_DEFAULT_N)
+    if split not in SPLITS or len(parts) > 2 or not n_text.isdigit() or int(n_text) < 1:
+        raise SafediffError(
+            f"bad sandbox prompt spec {spec!r}: use sandbox:SPLIT or sandbox:SPLIT:N with SPLIT "
+            f"one of {', '.join(SPLITS)} and N >= 1"
+        )
+    examples = make_split(split, int(n_text), seed=0)
+    return [e.caption for e in examples], [e.metadata["kind"] for e in examples]
 
 
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[int]:
