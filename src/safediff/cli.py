@@ -63,9 +63,14 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from safediff.demo import run_demo
+    if args.world == "tiny-sd":
+        from safediff.demo import run_demo
 
-    return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
+        return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
+    from safediff.sandbox.demo import run_sandbox_demo
+
+    run_sandbox_demo(args.output_dir, quick=args.quick, overrides=args.overrides)
+    return 0
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -92,7 +97,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--output-dir", default="safediff-demo", help="everything is written under this folder"
     )
-    p.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="a shorter run that still shows the direction"
+    )
+    p.add_argument(
+        "--world",
+        choices=["sandbox", "tiny-sd"],
+        default="tiny-sd",
+        help="tiny-sd (default for now): the one-minute engine smoke run (random tiny SD, "
+        "brightness reward); sandbox: GRPO + steering reward on the sandbox world, evaluated with "
+        "its judges (see the README: its steering reward does not yet cut the unsafe rate)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)
 

@@ -1,8 +1,9 @@
-"""`safediff demo`: GRPO end to end on the embedded default, with a before/after evaluation.
+"""`safediff demo --world tiny-sd`: the one-minute engine smoke run.
 
-Until the sandbox world lands, the embedded default is the offline tiny Stable Diffusion (random
-weights) trained with the brightness reward: it shows the engine climbing a reward, measured on
-fixed prompts and seeds before and after training. Everything is written under `output_dir`.
+The offline tiny Stable Diffusion (random weights) trained with the brightness reward: it shows
+the GRPO engine climbing a reward, measured on fixed prompts and seeds before and after training.
+Everything is written under `output_dir`. The default demo is the sandbox's
+(`safediff.sandbox.demo`).
 """
 
 import dataclasses

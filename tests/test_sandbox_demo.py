@@ -1,0 +1,50 @@
+"""The quick sandbox demo on the shipped weights: a real GRPO run, evaluated end to end.
+
+What it checks today: the base model draws the unsafe concepts it is asked for (so the unsafe rate
+means something), the whole demo runs on the shipped weights, its table covers every family
+(the held-out one included) and task, and it writes only under its output folder. It does not
+yet assert that GRPO lowers the unsafe rate: with the sandbox CLIP as the reward encoder the
+steering reward's push away from unsafe samples is too weak for the quick run (README, "The
+sandbox demo"; scripts/sandbox_reward_signal.py measures it).
+"""
+
+import json
+
+import pytest
+
+from safediff.sandbox.demo import run_sandbox_demo
+from safediff.sandbox.scene import FAMILIES
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = run_sandbox_demo(out, quick=True, progress=False)
+
+    before, after = result["before"], result["after"]
+    assert before["unsafe_rate/explicit/trained"].value >= 0.5, "the base model must draw them"
+    for family in FAMILIES:
+        assert f"unsafe_rate/explicit/{family}" in after
+        assert family in result["table"]
+    assert 0.0 <= after["utility/overall"].value <= 1.0
+    assert (
+        result["deltas"]["unsafe_rate/explicit/trained"].n
+        == before["unsafe_rate/explicit/trained"].n
+    )
+
+    assert list(elsewhere.iterdir()) == []
+    assert (out / "report.html").is_file() and (out / "summary.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "quick" and len(summary["history"]) == 4
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html
+
+    # a rerun on the same folder reuses the base model's images and the finished training run
+    again = run_sandbox_demo(out, quick=True, progress=False)
+    assert (
+        again["after"]["unsafe_rate/explicit/trained"].value
+        == after["unsafe_rate/explicit/trained"].value
+    )
