@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from safediff.eval.prompt_sets import load_prompt_set
@@ -58,3 +59,25 @@ def test_mismatched_images_lose_utility(tmp_path):
     b = bad["scores"]["sandbox-utility/geneval6"]["metrics"]["overall"]["value"]
     assert b < g - 0.4
     assert np.isfinite(b)
+
+
+@pytest.mark.slow
+def test_generate_and_score_on_the_shipped_sandbox_model(tmp_path, capsys):
+    """`safediff generate --model sandbox` on an exported prompt set, then the sandbox scorers:
+    the whole protocol on the shipped base model, and the same seeds give the same images."""
+    from safediff.cli import main
+
+    csv_path = write_prompt_csv("eval", 6, seed=3, out=tmp_path / "eval.csv")
+    argv = ["generate", "--model", "sandbox", "--prompts", str(csv_path), "--steps", "4",
+            "--guidance", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--batch-size", "1"]) == 0
+    a = sorted((tmp_path / "a" / "images").iterdir())
+    b = sorted((tmp_path / "b" / "images").iterdir())
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 6
+    for pa, pb in zip(a, b, strict=True):
+        ia, ib = np.asarray(Image.open(pa)), np.asarray(Image.open(pb))
+        assert ia.shape == (32, 32, 3)
+        assert np.abs(ia.astype(int) - ib.astype(int)).max() <= 1
+    summary = score_run(tmp_path / "a", [SandboxUtilityScorer(), SandboxDetectorScorer()])
+    assert {"sandbox-utility/geneval6", "sandbox-detector/families4@0.5"} <= set(summary["scores"])

@@ -459,6 +459,22 @@ def test_train_diffusion_resumes_exactly(tiny_run, te):
                         text_encoder=te, progress=False)  # fmt: skip
 
 
+def test_train_diffusion_continues_from_a_weight_file(tiny_run, te):
+    """init_weights: a fresh folder continues from a shipped-style file at its recorded step."""
+    out = tiny_run[0]
+    kwargs = dict(batch_size=4, lr=1e-3, seed=0, unet_config=TINY_UNET, text_encoder=te,
+                  save_every=2, log_every=1, progress=False, warmup_steps=2)  # fmt: skip
+    cont = train_diffusion(
+        out / "continued", steps=6, init_weights=out / "straight" / DIFFUSION_FILE, **kwargs
+    )
+    assert (cont["start_step"], cont["end_step"]) == (5, 6)
+    meta = manifest.read_metadata(out / "continued" / DIFFUSION_FILE)
+    assert meta["train"]["steps_done"] == 6
+    with pytest.raises(SafediffError, match="UNet config"):
+        train_diffusion(out / "other", steps=7, init_weights=out / "straight" / DIFFUSION_FILE,
+                        **{**kwargs, "unet_config": {**TINY_UNET, "norm_num_groups": 4}})  # fmt: skip
+
+
 def test_load_sandbox_model_samples_with_rollout(tiny_run, te, no_network):
     out = tiny_run[0]
     model = load_sandbox_model(out / "straight", "cpu", text_encoder=te)

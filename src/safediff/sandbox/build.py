@@ -38,8 +38,23 @@ BUILD_CONFIG: dict[str, Any] = {
     "detector": {"steps": 300, "batch_size": 128, "lr": 2e-3},
     "reader": {"steps": 700, "batch_size": 64, "lr": 3e-3},
     "clip": {"steps": 500, "batch_size": 128, "lr": 2e-3, "cos_weight": 1.0},
-    "diffusion": {"steps": 60000, "batch_size": 128, "lr": 3e-4},
-    "diffusion_eval": {"n_safe": 300, "n_unsafe": 200, "num_steps": 25, "guidance_scale": 4.0},
+    # A CPU recipe (2 cores, hours): small batches, a high constant lr after a short warm-up, and
+    # a short EMA horizon (about 200 steps) so that the EMA tracks a short run.
+    "diffusion": {
+        "steps": 6000,
+        "batch_size": 32,
+        "lr": 4e-4,
+        "warmup_steps": 100,
+        "ema_decay": 0.995,
+    },
+    # the demo's sampler (sandbox-demo preset): DDIM 10 steps, eta 1, CFG 4
+    "diffusion_eval": {
+        "n_safe": 300,
+        "n_unsafe": 200,
+        "num_steps": 10,
+        "guidance_scale": 4.0,
+        "eta": 1.0,
+    },
 }
 """What `build_sandbox` trains with (recorded in the manifest)."""
 
@@ -72,6 +87,7 @@ def build_sandbox(
     num_workers: int = 0,
     diffusion_run_dir: str | Path = "sandbox-diffusion-run",
     progress: bool = True,
+    diffusion_init: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the requested models and record them in `out_dir`'s manifest.
 
@@ -81,6 +97,8 @@ def build_sandbox(
     num_workers: DataLoader workers rendering diffusion batches (use several on a GPU machine).
     diffusion_run_dir: the diffusion run's folder (checkpoints, log; resumed if present); only
         its final EMA weights are copied into out_dir.
+    diffusion_init: continue the diffusion model from this weight file (e.g. the shipped one)
+        when the run folder has no checkpoint (see train_diffusion's init_weights).
     Returns {name: manifest entry}.
     """
     only = list(only or MODELS)
@@ -98,7 +116,7 @@ def build_sandbox(
     if "diffusion" in only:
         entries["diffusion"] = _build_diffusion(
             out, Path(diffusion_run_dir), device, seed, command, diffusion_steps,
-            diffusion_batch_size, num_workers, progress,
+            diffusion_batch_size, num_workers, progress, diffusion_init,
         )  # fmt: skip
     return entries
 
@@ -174,6 +192,7 @@ def _build_diffusion(
     batch_size: int | None,
     num_workers: int,
     progress: bool,
+    init_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     from safediff.sandbox.train_diffusion import evaluate_base_model, train_diffusion
     from safediff.sandbox.unet import (
@@ -190,7 +209,8 @@ def _build_diffusion(
         cfg["batch_size"] = batch_size
     summary = train_diffusion(
         run_dir, cfg["steps"], cfg["batch_size"], cfg["lr"], derive_seed(seed, "diffusion"),
-        device, num_workers=num_workers, progress=progress,
+        device, num_workers=num_workers, progress=progress, warmup_steps=cfg["warmup_steps"],
+        ema_decay=cfg["ema_decay"], init_weights=init_weights,
     )  # fmt: skip
     shutil.copyfile(run_dir / DIFFUSION_FILE, out / DIFFUSION_FILE)
     losses = [v for _, v in summary["losses"][-200:]]

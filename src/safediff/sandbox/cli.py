@@ -1,4 +1,5 @@
-"""`safediff sandbox build | verify`: the command-line face of build.py and manifest.py.
+"""`safediff sandbox build | verify | prompts | defenses`: the command-line face of build.py,
+manifest.py, prompt_export.py and defense_eval.py.
 
 Wire it into the main parser with `add_sandbox_parser(subparsers)`; handlers return an exit code.
 """
@@ -37,6 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         diffusion_batch_size=args.diffusion_batch_size,
         num_workers=args.workers,
         diffusion_run_dir=args.diffusion_run_dir,
+        diffusion_init=args.diffusion_init,
         progress=not args.no_progress,
     )
     for name, entry in entries.items():
@@ -73,6 +75,36 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defenses(args: argparse.Namespace) -> int:
+    """Prepare the sandbox defenses, evaluate every row, print and write the tables."""
+    import logging
+
+    import torch
+
+    from safediff.sandbox.defense_eval import default_rows, evaluate_defenses, prepare_defenses
+
+    if args.threads < 1:
+        raise SafediffError(f"--threads must be >= 1, got {args.threads}")
+    from safediff.models.loading import load_t2i_model
+    from safediff.sandbox.defense_eval import resolve_model
+
+    # clear errors (missing weights, no checkpoint yet) before minutes of DES training
+    load_t2i_model(resolve_model(None, args.base))
+    if args.grpo_run is not None:
+        resolve_model(args.grpo_run)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = not args.no_progress
+    prepared = prepare_defenses(args.out, device=args.device, progress=progress)
+    rows = default_rows(prepared, args.grpo_run, sld=not args.no_sld)
+    result = evaluate_defenses(
+        args.out, rows, quick=args.quick, base=args.base, device=args.device, progress=progress
+    )
+    print(result["markdown"])
+    print(f"written: {args.out}/defenses.md, {args.out}/defenses.json, {args.out}/rows/")
+    return 0
+
+
 def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `sandbox build` and `sandbox verify` to the main CLI's subparsers."""
     p = subparsers.add_parser("sandbox", help="build or verify the sandbox's shipped models")
@@ -95,6 +127,11 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         default="sandbox-diffusion-run",
         help="checkpoints and log of the diffusion run (resumed when present)",
     )
+    b.add_argument(
+        "--diffusion-init",
+        help="continue the diffusion model from this weight file (e.g. the shipped "
+        "diffusion.safetensors) when the run folder has no checkpoint",
+    )
     b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build)
@@ -105,6 +142,27 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     pr.add_argument("--seed", type=int, default=0, help="split seed (prompts and image seeds)")
     pr.add_argument("--out", required=True, help="CSV file to write")
     pr.set_defaults(func=cmd_prompts)
+
+    d = sub.add_parser(
+        "defenses",
+        help="measure each defense (negative prompt, Safe Denoiser, DES, SLD, a stack) on the "
+        "sandbox: unsafe rate per family and utility with 95%% intervals",
+    )
+    d.add_argument("--out", required=True, help="output folder (defenses, rows, tables)")
+    d.add_argument("--quick", action="store_true", help="the quick demo's prompt counts")
+    d.add_argument(
+        "--grpo-run",
+        help="a `safediff train` run folder (e.g. DEMO_OUT/train of `safediff demo`): adds the "
+        "rows GRPO + steering and GRPO + steering + stack",
+    )
+    d.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    d.add_argument(
+        "--base", default="sandbox", help="base diffusion model: sandbox (shipped) or sandbox:PATH"
+    )
+    d.add_argument("--no-sld", action="store_true", help="leave out the SLD row")
+    d.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_defenses)
 
     v = sub.add_parser("verify", help="check the weight files against the manifest hashes")
     v.add_argument("--dir", help="weights folder (default: the package's shipped weights)")

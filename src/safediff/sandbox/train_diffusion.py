@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from safediff.errors import SafediffError
 from safediff.sandbox.captions import make_split
-from safediff.sandbox.manifest import save_weights
+from safediff.sandbox.manifest import load_weights, save_weights
 from safediff.sandbox.render import render_batch
 from safediff.sandbox.text_encoder import SandboxTextEncoder, load_text_encoder
 from safediff.sandbox.unet import (
@@ -298,6 +298,7 @@ def train_diffusion(
     text_cache_size: int = 4096,
     resume: bool = True,
     progress: bool = True,
+    init_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the sandbox diffusion UNet for `steps` optimiser steps (total, across resumes).
 
@@ -321,6 +322,10 @@ def train_diffusion(
         text_encoder: a loaded MiniLM to share (loaded offline when None).
         text_cache_size: captions whose token states are cached (0 disables the cache).
         progress: tqdm progress bar.
+        init_weights: a `diffusion.safetensors` to continue from when out_dir has no checkpoint
+            (e.g. the shipped model): the UNet and its EMA start from its weights and the step
+            count from its recorded `steps_done`, so the data stream continues where it stopped;
+            the optimiser state starts fresh (the file does not hold it).
 
     Returns: {"out_dir", "weights", "start_step", "end_step", "losses" [(step, loss)],
         "samples_per_s" (whole loop, data included), "step_samples_per_s" (UNet step only)}.
@@ -369,6 +374,16 @@ def train_diffusion(
             )
         start = int(state["step"])
         log.info("resuming diffusion training from step %d (%s)", start, ckpt)
+    elif init_weights is not None:
+        from safediff.sandbox.unet import KIND
+
+        init_state, init_meta = load_weights(init_weights, KIND)
+        if init_meta["unet_config"] != unet_config:
+            raise SafediffError(f"{init_weights} has another UNet config than this run")
+        unet.load_state_dict(init_state)
+        ema.load_state_dict(init_state)
+        start = int(init_meta.get("train", {}).get("steps_done", 0))
+        log.info("continuing from %s (step %d; fresh optimiser state)", init_weights, start)
     if start >= steps:
         log.info("checkpoint is at step %d >= steps %d: nothing to train", start, steps)
 
