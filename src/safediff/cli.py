@@ -20,7 +20,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
-    "sandbox": ("safediff.sandbox.cli", "add_sandbox_parser", "build or verify the sandbox models"),
+    "sandbox": (
+        "safediff.sandbox.cli",
+        "add_sandbox_parser",
+        "the sandbox world (build, verify, defenses)",
+    ),
 }
 
 
