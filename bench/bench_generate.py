@@ -13,6 +13,10 @@ jobs on a shared machine hits them alike. One warm-up image per variant is not t
 
     python bench/bench_generate.py [--model tiny-sd] [--prompts 32] [--steps 20] [--batch-size 8]
         [--size 64] [--device cpu] [--threads 1] [--repeats 3]
+    python bench/bench_generate.py --model sandbox --guidance 4 --steps 10 --batch-size 32
+
+On the sandbox (pixel space, no diffusers pipeline) the reference variant is the same loop written
+by hand: one prompt per call, diffusers' DDIMScheduler stepping the UNet with CFG.
 """
 
 import argparse
@@ -62,20 +66,51 @@ def main() -> None:
         )
         for i in range(args.prompts)
     ]
-    pipe = StableDiffusionPipeline(
-        unet=model.unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **{k: model.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pixel_space = "vae" not in model.components  # the sandbox: no VAE, no diffusers pipeline
+    if not pixel_space:
+        pipe = StableDiffusionPipeline(
+            unet=model.unet,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **{k: model.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
+        )
+        pipe.set_progress_bar_config(disable=True)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def reference_pixel(rows_: list, out: Path) -> None:
+        """The reference's loop for a model without a diffusers pipeline: one prompt per call,
+        diffusers' DDIMScheduler stepping the UNet with CFG, image saved as PNG."""
+        from diffusers import DDIMScheduler
+        from PIL import Image
+
+        from safediff.sandbox.manifest import read_metadata
+
+        weights = model.source.split(":", 1)[1]  # "sandbox:<weight file>"
+        sched = DDIMScheduler.from_config(read_metadata(weights)["scheduler_config"])
+        out.mkdir(parents=True)
+        uncond = model.encode_text([""], device)
+        for row in rows_:
+            cond = model.encode_text([row.prompt], device)
+            g = torch.Generator(device).manual_seed(row.seed)
+            x = torch.randn((1, *model.latent_shape), generator=g, device=device)
+            sched.set_timesteps(args.steps)
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    eps = model.unet(
+                        torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])
+                    ).sample
+                    e_u, e_c = eps.chunk(2)
+                    x = sched.step(e_u + args.guidance * (e_c - e_u), t, x).prev_sample
+            img = (model.decode(x)[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+            Image.fromarray(img).save(out / f"{row.index}.png")
+
     def reference(rows_: list, out: Path) -> None:
+        if pixel_space:
+            return reference_pixel(rows_, out)
         out.mkdir(parents=True)
         for row in rows_:
             image = pipe(
@@ -103,7 +138,11 @@ def main() -> None:
         return run
 
     variants = {
-        "reference: diffusers pipeline, 1 prompt/call": reference,
+        (
+            "reference: diffusers DDIM loop, 1 prompt/call"
+            if pixel_space
+            else "reference: diffusers pipeline, 1 prompt/call"
+        ): reference,
         "ours: generate, batch 1": ours(1),
         f"ours: generate, batch {args.batch_size}": ours(args.batch_size),
     }
