@@ -176,7 +176,10 @@ def run_sandbox_demo(
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=_json_default))
     print()
     print(title)
-    print("training reward per epoch: " + " ".join(f"{m['reward_mean/all']:.3f}" for m in history))
+    rewards = " ".join(f"{m['reward_mean/all']:.3f}" for m in history)
+    print(
+        f"training reward per epoch: {rewards or '(none: the run in train/ was already complete)'}"
+    )
     print(table)
     print(f"report: {report}   summary: {out / 'summary.json'}   wall time {elapsed:.0f} s")
     return {**result, "table": table, "report": str(report)}
