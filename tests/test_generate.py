@@ -314,6 +314,9 @@ def test_two_processes_give_the_same_images_as_one(model, tmp_path):
 def test_spec_names_and_vanilla():
     assert parse_model_spec("tiny-sd") == ModelConfig(pretrained="tiny-sd")
     assert parse_model_spec("org/some-model") == ModelConfig(pretrained="org/some-model")
+    assert parse_model_spec("sandbox") == ModelConfig(pretrained="sandbox")
+    spec = "sandbox:/runs/d/diffusion.safetensors"  # a path inside the spec: loaded, not parsed
+    assert parse_model_spec(spec) == ModelConfig(pretrained=spec)
     assert parse_model_spec("vanilla", base="CompVis/stable-diffusion-v1-4") == ModelConfig(
         pretrained="CompVis/stable-diffusion-v1-4"
     )
@@ -376,6 +379,7 @@ def test_spec_trainer_checkpoint(model, tmp_path, caplog):
     expected = ModelConfig(pretrained="tiny-sd", unet_weights=str(ckpt / "unet"), resolution=24)
     assert parse_model_spec(str(ckpt)) == expected
     assert parse_model_spec(str(ckpt / "unet")) == expected  # its unet/ folder names it too
+    assert parse_model_spec(str(run_dir)) == expected  # the run folder: its newest checkpoint
     assert load_t2i_model(expected).latent_shape == (4, 12, 12)
     with caplog.at_level(logging.WARNING):
         other = parse_model_spec(str(ckpt), base="tiny-sd-v")
@@ -397,4 +401,7 @@ def test_spec_trainer_checkpoint(model, tmp_path, caplog):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SafediffError, match=rf"{re.escape(str(empty))} is not a model folder"):
+        parse_model_spec(str(empty))
+    (empty / "checkpoints").mkdir()
+    with pytest.raises(SafediffError, match="has no complete checkpoint yet"):
         parse_model_spec(str(empty))

@@ -5,11 +5,14 @@ bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus 
 `load_t2i_model` loads directly:
 
 - "tiny-sd" / "tiny-sd-v": the offline tiny SD (tests, smoke runs);
+- "sandbox" / "sandbox:PATH": the sandbox's shipped model, or another sandbox diffusion file;
 - "vanilla": the base model itself; needs `base` (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5);
 - a local diffusers pipeline folder (model_index.json): loaded as is;
 - a checkpoint folder written by safediff's trainer (checkpoints/checkpoint-N, holding unet/):
   its UNet on top of the base model named in the run's config.yaml two levels up (a `base` given
   explicitly wins, with a warning when they differ);
+- a training run folder written by safediff's trainer (holding checkpoints/): its newest complete
+  checkpoint, as above;
 - a bare UNet .safetensors file, or a folder holding diffusion_pytorch_model.safetensors (the
   reference's checkpoint_epoch_N/): needs `base`;
 - anything else that is not a path: a Hugging Face hub id.
@@ -24,7 +27,8 @@ import yaml
 
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
-from safediff.models.loading import TINY_MODELS, UNET_WEIGHTS_NAME
+from safediff.models.loading import TINY_MODELS, UNET_WEIGHTS_NAME, is_sandbox_spec
+from safediff.rl.checkpoint import list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ def parse_model_spec(spec: str, base: str | None = None) -> ModelConfig:
         raise SafediffError(
             "empty model spec; pass 'tiny-sd', 'vanilla', a folder, a file or a hub id"
         )
-    if spec in TINY_MODELS:
+    if spec in TINY_MODELS or is_sandbox_spec(spec):
         _ignore_base(spec, base)
         return ModelConfig(pretrained=spec)
     if spec == "vanilla":
@@ -78,6 +82,14 @@ def _from_folder(path: Path, base: str | None) -> ModelConfig:
         return ModelConfig(pretrained=str(where))
     if (where / "trainer_state.json").is_file() or (where / "unet" / UNET_WEIGHTS_NAME).is_file():
         return _from_checkpoint(where, base)
+    if (where / "checkpoints").is_dir():  # a training run folder
+        found = list_checkpoints(where)
+        if not found:
+            raise SafediffError(
+                f"training run {where} has no complete checkpoint yet; let `safediff train` "
+                "(or `safediff demo`) write one"
+            )
+        return _from_checkpoint(found[-1], base)
     if (where / UNET_WEIGHTS_NAME).is_file():
         if (where.parent / "trainer_state.json").is_file():  # the unet/ folder of a checkpoint
             return _from_checkpoint(where.parent, base)

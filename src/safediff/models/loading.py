@@ -32,6 +32,12 @@ from safediff.models.tiny_sd import build_tiny_sd
 
 TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SANDBOX = "sandbox"
+
+
+def is_sandbox_spec(pretrained: str) -> bool:
+    """'sandbox' (the shipped sandbox model) or 'sandbox:PATH' (a sandbox diffusion file)."""
+    return pretrained == SANDBOX or pretrained.startswith(SANDBOX + ":")
 
 
 def load_t2i_model(
@@ -45,7 +51,7 @@ def load_t2i_model(
     """
     # Find the UNet checkpoint before loading a (possibly large) base model.
     unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
-    if cfg.pretrained == "sandbox" or cfg.pretrained.startswith("sandbox:"):
+    if is_sandbox_spec(cfg.pretrained):
         return _load_sandbox(cfg.pretrained, unet_file, device)
     components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
     source = cfg.pretrained

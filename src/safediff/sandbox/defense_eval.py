@@ -329,30 +329,13 @@ def default_rows(
 
 
 def resolve_model(spec: str | None, base: str = "sandbox") -> ModelConfig:
-    """The ModelConfig of a row's model spec.
-
-    None: the base model `base` ("sandbox", or "sandbox:PATH" for another diffusion file). A folder
-    written by `safediff train` (holding checkpoints/checkpoint-N): its newest checkpoint, on the
-    base model its config.yaml names. Anything else: `safediff.eval.model_spec.parse_model_spec`
-    (a checkpoint folder, "sandbox", "sandbox:PATH", ...).
-    """
+    """The ModelConfig of a row's model spec: None is the base model `base` ("sandbox", or
+    "sandbox:PATH" for another diffusion file); anything else goes through
+    `safediff.eval.model_spec.parse_model_spec` (a `safediff train` run folder, a checkpoint
+    folder, "sandbox", "sandbox:PATH", ...)."""
     from safediff.eval.model_spec import parse_model_spec
-    from safediff.rl.checkpoint import list_checkpoints
 
-    if spec is None:
-        return ModelConfig(pretrained=base)
-    if spec == "sandbox" or spec.startswith("sandbox:"):
-        return ModelConfig(pretrained=spec)
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise SafediffError(
-                f"training run {path.resolve()} has no complete checkpoint yet; let "
-                "`safediff train` (or `safediff demo`) write one"
-            )
-        return parse_model_spec(str(found[-1]))
-    return parse_model_spec(spec)
+    return ModelConfig(pretrained=base) if spec is None else parse_model_spec(spec)
 
 
 # ----------------------------------------------------------------------------------- evaluating
