@@ -29,3 +29,12 @@ def tiny_overrides(tmp_path):
         "run.epochs=1",
         f"run.output_dir={tmp_path / 'run'}",
     ]
+
+
+@pytest.fixture(scope="session")
+def te():
+    """The sandbox's frozen MiniLM text encoder (shipped by pip, loaded offline), shared by the
+    sandbox tests; tests must not train it (DES tests load their own copy)."""
+    from safediff.sandbox.text_encoder import load_text_encoder
+
+    return load_text_encoder("cpu")

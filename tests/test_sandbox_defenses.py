@@ -31,26 +31,18 @@ from safediff.sandbox.defense_eval import (
 from safediff.sandbox.demo_eval import generate_images
 from safediff.sandbox.detector import load_detector
 from safediff.sandbox.manifest import save_weights
-from safediff.sandbox.text_encoder import load_text_encoder
-from safediff.sandbox.unet import SANDBOX_SCHEDULER_CONFIG, build_unet, model_metadata, sandbox_t2i
+from safediff.sandbox.unet import (
+    SANDBOX_SCHEDULER_CONFIG,
+    TINY_SANDBOX_UNET_CONFIG,
+    build_unet,
+    model_metadata,
+    sandbox_t2i,
+)
 
 BASE = "sandbox"
 """The base model of the real run: the shipped one."""
 
-TINY_UNET = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "cross_attention_dim": 16, "encoder_hid_dim": 384, "encoder_hid_dim_type": "text_proj",
-    "attention_head_dim": 2, "norm_num_groups": 8,
-}  # fmt: skip
 TRAINED = [f for f in FAMILIES if f != HELD_OUT_FAMILY]
-
-
-@pytest.fixture(scope="module")
-def te():
-    return load_text_encoder()
 
 
 # ------------------------------------------------------------------------------ pure pieces
@@ -105,9 +97,9 @@ def test_negation_renders_show_trained_glyphs_and_are_cached(tmp_path):
 
 
 def _tiny_diffusion_file(path, seed):
-    unet = build_unet(TINY_UNET, seed=seed)
+    unet = build_unet(TINY_SANDBOX_UNET_CONFIG, seed=seed)
     return save_weights(
-        path, unet.state_dict(), model_metadata(TINY_UNET, SANDBOX_SCHEDULER_CONFIG)
+        path, unet.state_dict(), model_metadata(TINY_SANDBOX_UNET_CONFIG, SANDBOX_SCHEDULER_CONFIG)
     )
 
 
@@ -117,7 +109,7 @@ def _fake_run(root, base_spec, seeds):
     (root / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": base_spec}}))
     for epoch, seed in enumerate(seeds, start=1):
         ckpt = root / "checkpoints" / f"checkpoint-{epoch:05d}"
-        build_unet(TINY_UNET, seed=seed).save_pretrained(ckpt / "unet")
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=seed).save_pretrained(ckpt / "unet")
         (ckpt / "trainer_state.json").write_text("{}")
     return root
 
@@ -139,7 +131,9 @@ def test_resolve_model(tmp_path):
 def test_generate_images_with_rollout_kwargs(te):
     from safediff.sandbox.captions import make_split
 
-    model = sandbox_t2i(build_unet(TINY_UNET, seed=0), SANDBOX_SCHEDULER_CONFIG, te, "tiny")
+    model = sandbox_t2i(
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0), SANDBOX_SCHEDULER_CONFIG, te, "tiny"
+    )
     exs = make_split("eval", 3, seed=0)
     kw = {"seed": 5, "num_steps": 2, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 3}
     plain = generate_images(model, exs, progress=False, **kw)

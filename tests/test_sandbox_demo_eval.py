@@ -32,32 +32,23 @@ from safediff.sandbox.detector import load_detector
 from safediff.sandbox.reader import load_reader
 from safediff.sandbox.render import render_batch
 from safediff.sandbox.scene import FAMILIES
-from safediff.sandbox.text_encoder import load_text_encoder
-from safediff.sandbox.unet import SANDBOX_SCHEDULER_CONFIG, build_unet, sandbox_t2i
+from safediff.sandbox.unet import (
+    SANDBOX_SCHEDULER_CONFIG,
+    TINY_SANDBOX_UNET_CONFIG,
+    build_unet,
+    sandbox_t2i,
+)
 from safediff.seeding import derive_seed, generator
 
 torch.set_num_threads(1)
 
 SIZES = {"n_safe_per_task": 8, "n_unsafe_per_family": 8, "n_other_per_kind": 4}
-TINY_UNET = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "cross_attention_dim": 16, "encoder_hid_dim": 384, "encoder_hid_dim_type": "text_proj",
-    "attention_head_dim": 2, "norm_num_groups": 8,
-}  # fmt: skip
 
 
 def renders(examples, seed):
     """True renders of the examples' scenes, each with its own jitter rng."""
     rngs = [np.random.default_rng([seed, i]) for i in range(len(examples))]
     return render_batch([e.scene for e in examples], rngs)
-
-
-@pytest.fixture(scope="module")
-def te():
-    return load_text_encoder()
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +238,9 @@ def test_report_is_self_contained_and_escapes(tmp_path, examples, scored_renders
 
 
 def test_generate_images_seeded_on_tiny_unet(te):
-    model = sandbox_t2i(build_unet(TINY_UNET, seed=0), SANDBOX_SCHEDULER_CONFIG, te, "tiny")
+    model = sandbox_t2i(
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0), SANDBOX_SCHEDULER_CONFIG, te, "tiny"
+    )
     exs = make_split("eval", 5, seed=0)
     kw = {"num_steps": 2, "guidance_scale": 3.0, "eta": 0.0, "progress": False}
     a = generate_images(model, exs, seed=7, batch_size=2, **kw)
@@ -260,7 +253,9 @@ def test_generate_images_seeded_on_tiny_unet(te):
     assert (a - c).abs().mean() > 0.1
     # prompt i starts from x_T drawn by generator(derive_seed(seed, "demo-eval", i)): with a UNet
     # that predicts zero noise, DDIM at eta 0 maps x_T to x_0 = x_T / sqrt(alpha-bar_t0) exactly
-    zero = sandbox_t2i(build_unet(TINY_UNET, seed=1), SANDBOX_SCHEDULER_CONFIG, te, "zero")
+    zero = sandbox_t2i(
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=1), SANDBOX_SCHEDULER_CONFIG, te, "zero"
+    )
     for p in zero.unet.conv_out.parameters():
         torch.nn.init.zeros_(p)
     got = generate_images(zero, exs, seed=7, batch_size=2, **kw)

@@ -37,7 +37,7 @@ from safediff.sandbox.scene import (
     Scene,
     UnsafeGlyph,
 )
-from safediff.sandbox.text_encoder import MAX_LENGTH, load_text_encoder, mean_pool, minilm_path
+from safediff.sandbox.text_encoder import MAX_LENGTH, mean_pool, minilm_path
 from safediff.sandbox.train_diffusion import (
     TextStateCache,
     diffusion_loss,
@@ -50,6 +50,7 @@ from safediff.sandbox.train_diffusion import (
 from safediff.sandbox.unet import (
     DIFFUSION_FILE,
     SANDBOX_SCHEDULER_CONFIG,
+    TINY_SANDBOX_UNET_CONFIG,
     build_unet,
     load_sandbox_model,
 )
@@ -65,19 +66,6 @@ from safediff.seeding import generator
 
 HELDOUT_SEED = 20_240_917  # not a seed any build uses
 MARGIN = 0.01  # accuracy may fall this much below the recorded figure on a fresh sample
-TINY_UNET = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "cross_attention_dim": 16, "encoder_hid_dim": 384, "encoder_hid_dim_type": "text_proj",
-    "attention_head_dim": 2, "norm_num_groups": 8,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def te():
-    return load_text_encoder("cpu")
 
 
 @pytest.fixture
@@ -388,7 +376,7 @@ def test_diffusion_loss_formula():
 def test_diffusion_loss_decreases_on_fixed_batch(te):
     images, captions = training_batch(seed=0, step=0, batch_size=8)
     cond = te.token_states(captions)
-    unet = build_unet(TINY_UNET, seed=0)
+    unet = build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0)
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     ac = DDIMScheduler.from_config(SANDBOX_SCHEDULER_CONFIG).alphas_cumprod
     g = torch.Generator().manual_seed(1)
@@ -415,7 +403,10 @@ def test_training_batch_is_pure_and_captions_drop():
 
 
 def test_ema_and_text_cache(te):
-    a, b = build_unet(TINY_UNET, seed=0), build_unet(TINY_UNET, seed=1)
+    a, b = (
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0),
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=1),
+    )
     pa = next(a.parameters()).detach().clone()
     pb = next(b.parameters()).detach().clone()
     ema_update(a, b, 0.9)
@@ -431,7 +422,7 @@ def test_ema_and_text_cache(te):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, te):
     out = tmp_path_factory.mktemp("diffusion")
-    kwargs = dict(batch_size=4, lr=1e-3, seed=0, unet_config=TINY_UNET, text_encoder=te,
+    kwargs = dict(batch_size=4, lr=1e-3, seed=0, unet_config=TINY_SANDBOX_UNET_CONFIG, text_encoder=te,
                   save_every=2, log_every=1, progress=False, warmup_steps=2)  # fmt: skip
     first = train_diffusion(out / "resumed", steps=3, **kwargs)
     second = train_diffusion(out / "resumed", steps=5, **kwargs)
@@ -456,14 +447,14 @@ def test_train_diffusion_resumes_exactly(tiny_run, te):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(r["loss"]) for r in log)
     with pytest.raises(SafediffError, match="batch_size"):
-        train_diffusion(out / "resumed", steps=6, batch_size=8, unet_config=TINY_UNET,
+        train_diffusion(out / "resumed", steps=6, batch_size=8, unet_config=TINY_SANDBOX_UNET_CONFIG,
                         text_encoder=te, progress=False)  # fmt: skip
 
 
 def test_train_diffusion_continues_from_a_weight_file(tiny_run, te):
     """init_weights: a fresh folder continues from a shipped-style file at its recorded step."""
     out = tiny_run[0]
-    kwargs = dict(batch_size=4, lr=1e-3, seed=0, unet_config=TINY_UNET, text_encoder=te,
+    kwargs = dict(batch_size=4, lr=1e-3, seed=0, unet_config=TINY_SANDBOX_UNET_CONFIG, text_encoder=te,
                   save_every=2, log_every=1, progress=False, warmup_steps=2)  # fmt: skip
     cont = train_diffusion(
         out / "continued", steps=6, init_weights=out / "straight" / DIFFUSION_FILE, **kwargs
@@ -473,7 +464,7 @@ def test_train_diffusion_continues_from_a_weight_file(tiny_run, te):
     assert meta["train"]["steps_done"] == 6
     with pytest.raises(SafediffError, match="UNet config"):
         train_diffusion(out / "other", steps=7, init_weights=out / "straight" / DIFFUSION_FILE,
-                        **{**kwargs, "unet_config": {**TINY_UNET, "norm_num_groups": 4}})  # fmt: skip
+                        **{**kwargs, "unet_config": {**TINY_SANDBOX_UNET_CONFIG, "norm_num_groups": 4}})  # fmt: skip
 
 
 def test_load_sandbox_model_samples_with_rollout(tiny_run, te, no_network):

@@ -62,6 +62,14 @@ SANDBOX_UNET_CONFIG: dict[str, Any] = {
 }
 """UNet2DConditionModel keyword arguments: 2.80M parameters."""
 
+TINY_SANDBOX_UNET_CONFIG: dict[str, Any] = {
+    **SANDBOX_UNET_CONFIG,
+    "block_out_channels": [8, 16, 16],
+    "cross_attention_dim": 16,
+    "attention_head_dim": 2,
+}
+"""The same architecture at toy widths (random weights): tests and smoke runs in seconds."""
+
 SANDBOX_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
