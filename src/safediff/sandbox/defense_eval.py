@@ -78,6 +78,7 @@ import torch
 from safediff.config import ModelConfig, to_dict
 from safediff.defenses.des import DESConfig
 from safediff.errors import SafediffError
+from safediff.sandbox.demo_eval import json_default
 from safediff.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def _read_json(path: Path) -> Any:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=1, default=json_default) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -410,6 +411,7 @@ def _load_row(folder: Path, key: dict[str, Any]):
 def _save_row(folder: Path, key: dict[str, Any], scored, images: torch.Tensor, examples) -> None:
     from safetensors.torch import save_file
 
+    from safediff.eval.generate import to_uint8
     from safediff.sandbox.render import contact_sheet
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -417,7 +419,7 @@ def _save_row(folder: Path, key: dict[str, Any], scored, images: torch.Tensor, e
         {"embeddings": scored.embeddings.contiguous()}, str(folder / "embeddings.safetensors")
     )
     _write_json(folder / "records.json", {"key": key, "records": scored.records})
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8(images).numpy()
     contact_sheet(list(pixels), [e.caption for e in examples], cols=12, scale=3).save(
         folder / "images.png"
     )
@@ -537,7 +539,7 @@ def evaluate_defenses(
         "n_prompts": len(examples),
         "rows": results,
     }
-    data = json.loads(json.dumps(data, default=_json_default))
+    data = json.loads(json.dumps(data, default=json_default))
     _write_json(out / "defenses.json", data)
     markdown = format_markdown(data, out)
     (out / "defenses.md").write_text(markdown, encoding="utf-8")
@@ -615,15 +617,3 @@ def format_markdown(data: Mapping[str, Any], out_dir: str | Path = ".") -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -84,6 +84,7 @@ def run_sandbox_demo(
         demo_eval_prompts,
         format_table,
         generate_images,
+        json_default,
         reference_embeddings,
         score_images,
         summarize,
@@ -173,7 +174,7 @@ def run_sandbox_demo(
         "wall_s": elapsed,
         "n_eval_prompts": len(examples),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=json_default))
     print()
     print(title)
     rewards = " ".join(f"{m['reward_mean/all']:.3f}" for m in history)
@@ -183,13 +184,3 @@ def run_sandbox_demo(
     print(table)
     print(f"report: {report}   summary: {out / 'summary.json'}   wall time {elapsed:.0f} s")
     return {**result, "table": table, "report": str(report)}
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

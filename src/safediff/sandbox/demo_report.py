@@ -63,8 +63,9 @@ def png_b64(image: torch.Tensor, scale: int = 4) -> str:
     """image [3, H, W] float in [0, 1] -> base64 PNG text, upscaled `scale` x (nearest)."""
     from PIL import Image
 
-    arr = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    pil = Image.fromarray(arr.permute(1, 2, 0).numpy())
+    from safediff.eval.generate import to_uint8
+
+    pil = Image.fromarray(to_uint8(image[None])[0].numpy())
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     buf = io.BytesIO()
