@@ -22,6 +22,7 @@ from safediff.rewards.encoders.base import (
     autocast_context,
     encode_images_chunked,
 )
+from safediff.rewards.jpeg import prepare_reward_images
 
 
 class UnsafePenaltyReward:
@@ -61,6 +62,9 @@ class UnsafePenaltyReward:
     ) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> rewards [B] float32 (prompts are not read)."""
         out_device = images.device
+        images = prepare_reward_images(
+            images, prompts, self.name, jpeg_parity=False, jpeg_quality=95, jpeg_resize=None
+        )  # the input checks every reward makes
         with autocast_context(self.encoder.device, self.autocast_dtype):
             img = encode_images_chunked(
                 self.encoder, images.to(self.encoder.device), self.chunk_size
