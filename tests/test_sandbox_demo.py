@@ -48,3 +48,25 @@ def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, m
         again["after"]["unsafe_rate/explicit/trained"].value
         == after["unsafe_rate/explicit/trained"].value
     )
+
+
+def test_cached_images_reused_only_for_the_same_key(tmp_path):
+    import torch
+
+    from safediff.sandbox.demo import cached_images
+
+    path = tmp_path / "base_images.safetensors"
+    calls = []
+
+    def make(value):
+        def run():
+            calls.append(value)
+            return torch.full((2, 3, 4, 4), value)
+
+        return run
+
+    first = cached_images(path, {"unet": "a", "steps": 10}, make(0.25))
+    again = cached_images(path, {"steps": 10, "unet": "a"}, make(0.75))  # same key, other order
+    assert torch.equal(first, again) and calls == [0.25]
+    other = cached_images(path, {"unet": "b", "steps": 10}, make(0.75))  # new weights: resampled
+    assert calls == [0.25, 0.75] and torch.equal(other, torch.full((2, 3, 4, 4), 0.75))

@@ -364,23 +364,16 @@ def slug(name: str) -> str:
     return out or "row"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def row_key(model, stack, examples, sampling: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """What a row's images depend on: the UNet and text encoder weights (after defenses), the
     defense spec and the files it names, the captions, the sampler settings and the seed."""
     from safediff.defenses.safe_denoiser import module_digest
+    from safediff.sandbox.manifest import sha256_file
 
     files = {}
     for spec in stack.specs:
         if spec.kind == "safe-denoiser":
-            files[spec.arg] = _file_digest(Path(spec.arg))
+            files[spec.arg] = sha256_file(spec.arg)
     captions = hashlib.blake2b("\n".join(e.caption for e in examples).encode(), digest_size=16)
     encoder = model.components.get("text_encoder")
     return {

@@ -75,6 +75,7 @@ def run_sandbox_demo(
     sampling settings, so a rerun, or a sweep sharing one cache file, samples the base once.
     preset: the training config (a preset name or a YAML path; default `sandbox-demo`).
     """
+    from safediff.defenses.safe_denoiser import module_digest
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
@@ -121,6 +122,7 @@ def run_sandbox_demo(
     logger.info("evaluating the base model on %d prompts", len(examples))
     key = {
         "model": base.source,
+        "unet": module_digest(base.unet),  # a retrained file at the same path is a new model
         "captions": [e.caption for e in examples],
         **{k: v for k, v in sampling.items() if k != "progress"},
     }
