@@ -76,7 +76,11 @@ def variant_config(change: dict) -> dict:
 def _fmt(key: str, est: dict) -> str:
     pct = not key.startswith("alignment")
     scale, digits = (100, 1) if pct else (1, 3)
-    v, lo, hi = (est[k] * scale for k in ("value", "lo", "hi"))
+    v, lo, hi = (None if est[k] is None else est[k] * scale for k in ("value", "lo", "hi"))
+    if v is None:
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{v:.{digits}f}"
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
