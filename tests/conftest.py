@@ -11,24 +11,32 @@ import torch
 torch.set_num_threads(1)
 
 
+TINY_GRPO_OVERRIDES = (
+    "model.pretrained=tiny-sd",
+    "sampling.num_steps=3",
+    "sampling.guidance_scale=2.0",
+    "sampling.rollout_batch_size=8",
+    "grpo.group_size=4",
+    "grpo.samples_per_process=8",
+    "grpo.clip_range=0.2",
+    "grpo.micro_batch=8",
+    "optim.lr=1e-3",
+    "prompts.file=builtin:smoke",
+    "run.log_with=none",
+    "run.epochs=1",
+)
+"""Overrides for a GRPO run on tiny-sd that takes seconds on a CPU (add run.output_dir)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_grpo_overrides():
+    return list(TINY_GRPO_OVERRIDES)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
-    """Overrides for a GRPO run on tiny-sd that takes seconds on a CPU."""
-    return [
-        "model.pretrained=tiny-sd",
-        "sampling.num_steps=3",
-        "sampling.guidance_scale=2.0",
-        "sampling.rollout_batch_size=8",
-        "grpo.group_size=4",
-        "grpo.samples_per_process=8",
-        "grpo.clip_range=0.2",
-        "grpo.micro_batch=8",
-        "optim.lr=1e-3",
-        "prompts.file=builtin:smoke",
-        "run.log_with=none",
-        "run.epochs=1",
-        f"run.output_dir={tmp_path / 'run'}",
-    ]
+    """TINY_GRPO_OVERRIDES writing under tmp_path."""
+    return [*TINY_GRPO_OVERRIDES, f"run.output_dir={tmp_path / 'run'}"]
 
 
 @pytest.fixture(scope="session")

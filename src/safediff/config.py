@@ -26,6 +26,9 @@ class ModelConfig:
     unet_weights: str | None = None
     """Optional bare UNet .safetensors (e.g. checkpoint_epoch_N/diffusion_pytorch_model.safetensors)
     swapped into the base pipeline."""
+    lora_weights: str | None = None
+    """Optional peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. a
+    trainer checkpoint's lora/), merged into the UNet after `unet_weights` is applied."""
     revision: str | None = None
     """Hub revision of `pretrained` (ignored for folders)."""
     resolution: int | None = None

@@ -458,10 +458,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="'tiny-sd', 'vanilla' (+ --base), a pipeline folder, a safediff checkpoint folder, "
-        "a bare UNet .safetensors (+ --base) or a hub id",
+        help="'tiny-sd', 'sandbox', 'vanilla' (+ --base), a pipeline folder, a safediff run or "
+        "checkpoint folder (full or LoRA), a bare UNet .safetensors or LoRA adapter folder "
+        "(+ --base), or a hub id",
     )
-    p.add_argument("--base", help="base pipeline (hub id or folder) for bare UNets and 'vanilla'")
+    p.add_argument(
+        "--base",
+        help="base pipeline (hub id or folder) for bare UNets, LoRA adapters and 'vanilla'",
+    )
     p.add_argument(
         "--prompts", required=True, help="prompt set: .csv (I2P, MMA, COCO, CoPro) or .txt"
     )

@@ -11,10 +11,14 @@ bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus 
 - a checkpoint folder written by safediff's trainer (checkpoints/checkpoint-N, holding unet/):
   its UNet on top of the base model named in the run's config.yaml two levels up (a `base` given
   explicitly wins, with a warning when they differ);
+- a LoRA checkpoint of safediff's trainer (checkpoint-N holding lora/, or that lora/ folder): its
+  peft adapter merged into the base model's UNet at load time (`ModelConfig.lora_weights`), the
+  base found as above;
 - a training run folder written by safediff's trainer (holding checkpoints/): its newest complete
   checkpoint, as above;
 - a bare UNet .safetensors file, or a folder holding diffusion_pytorch_model.safetensors (the
   reference's checkpoint_epoch_N/): needs `base`;
+- a bare peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors): needs `base`;
 - anything else that is not a path: a Hugging Face hub id.
 No default base is assumed: evaluating a UNet on the wrong base gives silently wrong numbers, so a
 missing `base` is an error that suggests one. Errors name the path.
@@ -27,7 +31,13 @@ import yaml
 
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
-from safediff.models.loading import TINY_MODELS, UNET_WEIGHTS_NAME, is_sandbox_spec
+from safediff.models.loading import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    TINY_MODELS,
+    UNET_WEIGHTS_NAME,
+    is_sandbox_spec,
+)
 from safediff.rl.checkpoint import list_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -66,6 +76,8 @@ def parse_model_spec(spec: str, base: str | None = None) -> ModelConfig:
 
 def _from_file(path: Path, base: str | None) -> ModelConfig:
     where = path.resolve()
+    if where.name == ADAPTER_WEIGHTS_NAME and (where.parent / ADAPTER_CONFIG_NAME).is_file():
+        return _from_folder(where.parent, base)  # the weights file of a LoRA adapter folder
     if where.suffix != ".safetensors":
         raise SafediffError(
             f"model file {where} is not a .safetensors UNet (pickled .bin/.ckpt/.pt files are not "
@@ -95,22 +107,38 @@ def _from_folder(path: Path, base: str | None) -> ModelConfig:
             return _from_checkpoint(where.parent, base)
         pretrained = _need_base(str(where), base, "a UNet weights folder holds only the UNet")
         return ModelConfig(pretrained=pretrained, unet_weights=str(where))
+    if (where / ADAPTER_CONFIG_NAME).is_file():
+        if (where.parent / "trainer_state.json").is_file():  # the lora/ folder of a checkpoint
+            return _from_checkpoint(where.parent, base)
+        pretrained = _need_base(str(where), base, "a LoRA adapter holds only the adapter")
+        return ModelConfig(pretrained=pretrained, lora_weights=str(where))
     raise SafediffError(
         f"{where} is not a model folder: expected a diffusers pipeline (model_index.json), a "
-        f"safediff checkpoint (unet/{UNET_WEIGHTS_NAME}) or a bare UNet ({UNET_WEIGHTS_NAME})"
+        f"safediff checkpoint (unet/{UNET_WEIGHTS_NAME} or lora/), a bare UNet "
+        f"({UNET_WEIGHTS_NAME}) or a LoRA adapter ({ADAPTER_CONFIG_NAME})"
     )
 
 
 def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
-    unet_dir = ckpt / "unet"
-    if not (unet_dir / UNET_WEIGHTS_NAME).is_file():
-        if (ckpt / "lora").is_dir():
-            raise SafediffError(
-                f"checkpoint {ckpt} holds a LoRA adapter (lora/), which model specs do not load "
-                "yet; merge it into the UNet and save the UNet as .safetensors"
-            )
-        raise SafediffError(f"checkpoint {ckpt} has no unet/{UNET_WEIGHTS_NAME}")
+    """A full checkpoint (unet/: all UNet weights) or a LoRA one (lora/: an adapter that goes on
+    the run's base UNet, including the `model.unet_weights` the run started from, if any)."""
+    unet_dir, lora_dir = ckpt / "unet", ckpt / "lora"
+    is_lora = not (unet_dir / UNET_WEIGHTS_NAME).is_file()
+    if is_lora and not (lora_dir / ADAPTER_CONFIG_NAME).is_file():
+        raise SafediffError(
+            f"checkpoint {ckpt} has neither unet/{UNET_WEIGHTS_NAME} nor lora/{ADAPTER_CONFIG_NAME}"
+        )
+    weights = {"lora_weights": str(lora_dir)} if is_lora else {"unet_weights": str(unet_dir)}
     run_model = _run_model_config(ckpt.parent.parent / "config.yaml")
+    if is_lora and run_model is not None:
+        if run_model.get("lora_weights"):
+            raise SafediffError(
+                f"LoRA checkpoint {ckpt} was trained on a base that already merges the adapter "
+                f"{run_model['lora_weights']}; one adapter per model is loaded, so merge that one "
+                "into a UNet file (unet_weights) first"
+            )
+        if run_model.get("unet_weights"):  # the adapter was trained on this UNet, keep it
+            weights["unet_weights"] = run_model["unet_weights"]
     if base is None:
         if run_model is None:
             raise SafediffError(
@@ -119,9 +147,9 @@ def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
             )
         return ModelConfig(
             pretrained=run_model["pretrained"],
-            unet_weights=str(unet_dir),
             revision=run_model.get("revision"),
             resolution=run_model.get("resolution"),
+            **weights,
         )
     if run_model is not None and run_model["pretrained"] != base:
         logger.warning(
@@ -131,7 +159,7 @@ def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
             base,
         )
     resolution = run_model.get("resolution") if run_model is not None else None
-    return ModelConfig(pretrained=base, unet_weights=str(unet_dir), resolution=resolution)
+    return ModelConfig(pretrained=base, resolution=resolution, **weights)
 
 
 def _run_model_config(config_file: Path) -> dict | None:

@@ -1,5 +1,5 @@
 """Load a Stable Diffusion-family model as a `T2IModel`: tiny SD, a local folder or a hub id,
-optionally with a bare UNet checkpoint swapped in.
+optionally with a bare UNet checkpoint swapped in and a LoRA adapter merged in.
 
 Where the weights come from (`ModelConfig.pretrained`):
 - "tiny-sd" / "tiny-sd-v": the offline random tiny SD (epsilon / v-prediction), see tiny_sd.py;
@@ -10,6 +10,9 @@ Where the weights come from (`ModelConfig.pretrained`):
   safety checker or feature extractor is ever downloaded.
 `ModelConfig.unet_weights` then replaces every UNet weight with a bare UNet .safetensors (the
 reference's `checkpoint_epoch_N/diffusion_pytorch_model.safetensors`), keys checked strictly.
+`ModelConfig.lora_weights` then merges a peft LoRA adapter folder (what `PeftModel.save_pretrained`
+writes: adapter_config.json + adapter_model.safetensors, e.g. a trainer checkpoint's lora/) into
+the UNet's weights, so the model runs as a plain UNet2DConditionModel with no adapter overhead.
 
 Precision: the frozen VAE and text encoder are cast to `dtype` (bf16/fp16 halves their memory and
 they never see a gradient); the UNet always stays float32, because it is the trained policy and
@@ -18,6 +21,7 @@ folder does not matter: its beta fields are read into a DDIMScheduler (SD 1.5 sh
 """
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ from safediff.models.tiny_sd import build_tiny_sd
 
 TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's save_pretrained names
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 SANDBOX = "sandbox"
 
 
@@ -47,17 +53,21 @@ def load_t2i_model(
 
     dtype: precision of the frozen VAE and text encoder; the UNet is always float32.
     Raises SafediffError (one line, naming the path or id) when the model cannot be found or a
-    UNet checkpoint does not fit it.
+    UNet checkpoint or LoRA adapter does not fit it.
     """
-    # Find the UNet checkpoint before loading a (possibly large) base model.
+    # Find the UNet checkpoint and adapter before loading a (possibly large) base model.
     unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
+    lora_dir = resolve_lora_adapter(cfg.lora_weights) if cfg.lora_weights else None
     if is_sandbox_spec(cfg.pretrained):
-        return _load_sandbox(cfg.pretrained, unet_file, device)
+        return _load_sandbox(cfg.pretrained, unet_file, lora_dir, device)
     components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
     source = cfg.pretrained
     if unet_file is not None:
         load_unet_weights(components["unet"], unet_file)
-        source = f"{cfg.pretrained} + {unet_file}"
+        source = f"{source} + {unet_file}"
+    if lora_dir is not None:
+        components["unet"] = merge_lora_adapter(components["unet"], lora_dir)
+        source = f"{source} + LoRA {lora_dir}"
     model = sd_components_to_t2i(components, source=source, resolution=cfg.resolution)
     # Dtypes were set at load time (a .to(dtype) after from_pretrained makes diffusers warn).
     model.unet.to(device)
@@ -67,8 +77,11 @@ def load_t2i_model(
     return model
 
 
-def _load_sandbox(pretrained: str, unet_file: Path | None, device: torch.device | str) -> T2IModel:
-    """'sandbox' (the shipped base model) or 'sandbox:PATH' (a diffusion.safetensors file/folder)."""
+def _load_sandbox(
+    pretrained: str, unet_file: Path | None, lora_dir: Path | None, device: torch.device | str
+) -> T2IModel:
+    """'sandbox' (the shipped base model) or 'sandbox:PATH' (a diffusion.safetensors file/folder),
+    with an optional bare UNet and LoRA adapter on top."""
     from safediff.sandbox.manifest import weight_file
     from safediff.sandbox.unet import load_sandbox_model
 
@@ -77,6 +90,9 @@ def _load_sandbox(pretrained: str, unet_file: Path | None, device: torch.device 
     if unet_file is not None:
         load_unet_weights(model.unet, unet_file)
         model.source = f"{model.source} + {unet_file}"
+    if lora_dir is not None:
+        model.unet = merge_lora_adapter(model.unet, lora_dir)
+        model.source = f"{model.source} + LoRA {lora_dir}"
     return model
 
 
@@ -267,3 +283,105 @@ def save_unet_safetensors(unet: nn.Module, path: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
     save_file(state, str(path))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+def resolve_lora_adapter(path: str | Path) -> Path:
+    """The peft adapter folder `path` names (holding adapter_config.json and
+    adapter_model.safetensors; the adapter_model.safetensors file itself is accepted too), or a
+    SafediffError naming what was missing. Pickled adapter_model.bin files are refused."""
+    p = Path(path).expanduser().resolve()
+    if p.is_file() and p.name == ADAPTER_WEIGHTS_NAME:
+        p = p.parent
+    if not p.exists():
+        raise SafediffError(f"LoRA adapter folder not found: {p}")
+    if not p.is_dir():
+        raise SafediffError(
+            f"LoRA adapter {p} is not a folder; pass the folder peft's save_pretrained wrote "
+            f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})"
+        )
+    if not (p / ADAPTER_WEIGHTS_NAME).is_file():
+        if (p / "adapter_model.bin").is_file():
+            raise SafediffError(
+                f"LoRA adapter {p} holds only a pickled adapter_model.bin, which is not loaded; "
+                f"convert it to {ADAPTER_WEIGHTS_NAME} with safetensors.torch.save_file"
+            )
+        raise SafediffError(f"LoRA adapter folder {p} has no {ADAPTER_WEIGHTS_NAME}")
+    if not (p / ADAPTER_CONFIG_NAME).is_file():
+        raise SafediffError(
+            f"LoRA adapter folder {p} has no {ADAPTER_CONFIG_NAME} (peft needs it to rebuild the "
+            "adapter's layers)"
+        )
+    return p
+
+
+def merge_lora_adapter(unet: nn.Module, path: str | Path) -> nn.Module:
+    """`unet` with the peft LoRA adapter in folder `path` merged into its weights.
+
+    Loads with `PeftModel.from_pretrained` (local files only: both files are checked first, so
+    peft never turns to the hub) and returns `merge_and_unload()`: the same UNet class with no
+    adapter layers left, whose output equals the adapter-wrapped UNet's (up to float rounding).
+    Every adapter tensor must fit the UNet exactly (keys and shapes, like `load_unet_weights`);
+    otherwise a SafediffError names the folder. `unet` is modified in place either way (a failed
+    load leaves adapter layers in it); the parameters' requires_grad flags are kept.
+    """
+    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
+
+    folder = resolve_lora_adapter(path)
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise SafediffError(
+            f"LoRA adapter {folder}: unreadable {ADAPTER_CONFIG_NAME} ({_first_line(err)})"
+        ) from None
+    if not isinstance(config, LoraConfig):
+        raise SafediffError(
+            f"adapter {folder} is a {config.peft_type} adapter; only LoRA adapters are loaded"
+        )
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
+            saved = set(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise SafediffError(
+            f"could not read LoRA adapter {folder / ADAPTER_WEIGHTS_NAME}: {_first_line(err)}"
+        ) from None
+    grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    device = next(unet.parameters()).device
+    try:
+        with warnings.catch_warnings():  # missing keys are an error below, not a warning
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_unet = PeftModel.from_pretrained(
+                unet, str(folder), config=config, torch_device=str(device)
+            )
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise SafediffError(
+            f"LoRA adapter {folder} does not fit this UNet: {_load_error(err)}"
+        ) from None
+    expected = set(get_peft_model_state_dict(peft_unet))  # shapes were checked by the load
+    missing = sorted(expected - saved)
+    unexpected = sorted(saved - expected)
+    if missing or unexpected:
+        raise SafediffError(
+            f"LoRA adapter {folder} does not fit this UNet: {len(missing)} missing key(s) "
+            f"{_few(missing)}, {len(unexpected)} unexpected key(s) {_few(unexpected)}; was it "
+            "trained on this base model?"
+        )
+    try:
+        merged = peft_unet.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # safe_merge: the merged weights hold NaN / inf
+        raise SafediffError(f"LoRA adapter {folder} cannot be merged: {_first_line(err)}") from None
+    for name, p in merged.named_parameters():
+        p.requires_grad_(grad.get(name, False))
+    return merged
+
+
+def _load_error(err: BaseException) -> str:
+    """The informative line of a peft / torch load error (torch puts 'size mismatch for KEY: ...'
+    on the lines after a generic first line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.startswith("size mismatch")]
+    return (mismatch or lines or [type(err).__name__])[0]
