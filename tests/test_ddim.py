@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch.distributions import Normal, kl_divergence
 
 from safediff.errors import SafediffError
-from safediff.sampling.ddim import ddim_step_with_logprob, gaussian_kl
+from safediff.sampling.ddim import ddim_step_with_logprob, gaussian_kl, step_std
 from safediff.sampling.rollout import predict_noise
 from safediff.sampling.schedule import DDIMSchedule
 
@@ -204,6 +204,29 @@ def test_gaussian_kl_matches_torch(reduction: str) -> None:
     assert kl.shape == (3,)
     torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(gaussian_kl(mean_a, mean_a, std, reduction), torch.zeros(3))
+
+
+def test_gaussian_kl_of_a_deterministic_step_is_zero() -> None:
+    g = torch.Generator().manual_seed(5)
+    mean_a, mean_b = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    std = torch.tensor([0.0, 0.5, 0.0])
+    kl = gaussian_kl(mean_a, mean_b, std)
+    assert torch.equal(kl[[0, 2]], torch.zeros(2))
+    torch.testing.assert_close(kl[1], ((mean_a[1] - mean_b[1]) ** 2 / 0.5).mean())
+
+
+@pytest.mark.parametrize("alpha_to_one", [False, True])
+def test_step_std_matches_the_step(alpha_to_one: bool) -> None:
+    sched = schedule_of(sd_scheduler(set_alpha_to_one=alpha_to_one))
+    t, t_prev = sched.timesteps(10)
+    std = step_std(sched, t, t_prev, eta=0.7)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    for s in (0, 4, 9):
+        ref = ddim_step_with_logprob(
+            sched, x, t[s].expand(3), t_prev[s].expand(3), x, 0.7, noise=torch.zeros(SHAPE)
+        ).std
+        torch.testing.assert_close(std[s].expand(3), ref)
+    assert (std[-1] == 0) == alpha_to_one and bool((std[:-1] > 0).all())
 
 
 def test_errors() -> None:

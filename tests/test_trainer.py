@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from safediff.config import load_config
+from safediff.errors import SafediffError
 from safediff.models.loading import load_t2i_model
 from safediff.prompts import load_prompts
 from safediff.rewards.brightness import BrightnessReward
@@ -115,6 +116,26 @@ def test_kl_to_reference_is_logged_and_finite(tiny_overrides):
     trainer, _, _ = make_trainer([*tiny_overrides, "grpo.kl_coef=0.1", "grpo.inner_epochs=2"])
     metrics = trainer.run_epoch(0)
     assert math.isfinite(metrics["train/kl"]) and metrics["train/kl"] > 0
+
+
+def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):
+    import safediff.rl.trainer as trainer_module
+
+    trainer, _, _ = make_trainer(tiny_overrides)
+    before = {n: p.detach().clone() for n, p in trainer.bare_unet().named_parameters()}
+    real = trainer_module.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        per, stats = real(*args, **kwargs)
+        return per * float("nan"), stats
+
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", nan_loss)
+    with pytest.raises(SafediffError, match="GRPO loss is not finite at epoch 0"):
+        trainer.run_epoch(0)
+    changed = [
+        n for n, p in trainer.bare_unet().named_parameters() if not torch.equal(p, before[n])
+    ]
+    assert changed == []
 
 
 def _perf_free(lines):
@@ -250,12 +271,17 @@ def test_grpo_epoch_on_a_sandbox_model_with_the_sandbox_steering_reward(tiny_ove
             "reward.name=steering",
             "reward.params.encoder=sandbox:default",
             "reward.params.anchors=sandbox",
+            "grpo.kl_coef=0.1",
         ],
     )
     summary = train(cfg)
     metrics = summary["history"][0]
     assert summary["trainer"].model.latent_shape == (3, 32, 32)
     assert math.isfinite(metrics["reward_mean/all"]) and metrics["train/grad_norm"] > 0
+    # The sandbox scheduler sets alpha to one, so its last step is deterministic: it is not
+    # trained (2 of the 3 steps per sample), and the KL term stays finite.
+    assert metrics["train/transitions_per_inner_epoch"] == 8 * 2
+    assert math.isfinite(metrics["train/kl"]) and math.isfinite(metrics["train/loss"])
 
 
 def test_rewards_are_logged_per_prompt_kind(tiny_overrides, tmp_path, caplog):

@@ -44,7 +44,7 @@ from safediff.prompts import load_prompt_kinds, sample_prompts
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
-from safediff.sampling.ddim import gaussian_kl
+from safediff.sampling.ddim import gaussian_kl, step_std
 from safediff.sampling.rollout import Trajectory, rollout, transition_log_prob
 from safediff.seeding import derive_seed, generator
 
@@ -243,12 +243,17 @@ class GRPOTrainer:
         cfg, g = self.cfg, self.cfg.grpo
         traj = batch.traj
         n_local, n_steps = traj.log_probs.shape
-        trainable_steps = n_steps if g.train_last_step else n_steps - 1
-        if trainable_steps < 1:
+        limit = n_steps if g.train_last_step else n_steps - 1
+        # Deterministic steps (std 0: the last one when the scheduler sets alpha to one) have a
+        # constant log-prob, so no gradient: they are not trained.
+        std = step_std(self.model.schedule, traj.timesteps, traj.prev_timesteps, cfg.sampling.eta)
+        steps = [s for s in range(limit) if float(std[s]) > 0]
+        if not steps:
             raise SafediffError(
-                "no trainable denoising step: raise sampling.num_steps or set grpo.train_last_step"
+                "no trainable denoising step (each is deterministic or excluded): raise "
+                "sampling.num_steps, set sampling.eta > 0 or set grpo.train_last_step"
             )
-        n_train = max(1, round(g.timestep_fraction * trainable_steps))
+        n_train = max(1, round(g.timestep_fraction * len(steps)))
         uncond = batch.negative_embeds if g.train_cfg else None
         stats: dict[str, list[float]] = {
             k: [] for k in ("loss", "clip_fraction", "approx_kl", "kl", "grad_norm")
@@ -259,8 +264,8 @@ class GRPOTrainer:
             pairs = []
             for j, gidx in enumerate(self._local_indices()):
                 gen = generator(derive_seed(cfg.run.seed, "steps", epoch, inner, gidx))
-                for s in torch.randperm(trainable_steps, generator=gen)[:n_train].tolist():
-                    pairs.append((j, s))
+                for i in torch.randperm(len(steps), generator=gen)[:n_train].tolist():
+                    pairs.append((j, steps[i]))
             order = torch.randperm(
                 len(pairs),
                 generator=generator(derive_seed(cfg.run.seed, "order", epoch, inner, self.rank)),
@@ -276,6 +281,13 @@ class GRPOTrainer:
                     ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.unet)
                     with ctx:
                         loss, mstats = self._micro_step(mb, batch, uncond, n_chunk)
+                        if not torch.isfinite(loss):
+                            raise SafediffError(
+                                f"GRPO loss is not finite at epoch {epoch} (policy loss "
+                                f"{mstats['loss']:.4g}, KL {mstats['kl']:.4g}); this step was not "
+                                "applied and saved checkpoints are intact: lower optim.lr or "
+                                "grpo.kl_coef, or check the reward"
+                            )
                         self.acc.backward(loss)
                     if inner == 0 and start == 0 and k == 0:
                         ratio_drift = mstats["ratio_max_dev"]

@@ -205,7 +205,8 @@ def ddim_step_with_logprob(
 def gaussian_kl(mean_a: Tensor, mean_b: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
     """KL(N(mean_a, std^2) || N(mean_b, std^2)) per sample, for two Gaussians with equal std.
 
-    mean_a, mean_b: [B, C, h, w]; std: [B] (or anything broadcastable to [B]), must be > 0.
+    mean_a, mean_b: [B, C, h, w]; std: [B] (or anything broadcastable to [B]), >= 0; samples
+    with std == 0 (a deterministic step, whose log-prob is reported as 0) get a KL of 0.
     Per element the KL is (mean_a - mean_b)^2 / (2 std^2); it is reduced over the non-batch dims by
     "mean" or "sum", the same way as the log-prob (so a "sum" KL is the KL between the full
     Gaussian steps and a "mean" KL is that divided by C*h*w). Returns [B] float32, differentiable in
@@ -221,5 +222,21 @@ def gaussian_kl(mean_a: Tensor, mean_b: Tensor, std: Tensor, reduction: str = "m
     batch = mean_a.shape[0]
     std = torch.as_tensor(std, dtype=torch.float32, device=mean_a.device).expand(batch)
     std = std.reshape((batch,) + (1,) * (mean_a.ndim - 1))
-    per_element = (mean_a - mean_b) ** 2 / (2 * std**2)
+    # A deterministic step (std == 0: eta == 0, or the last step when set_alpha_to_one) has no
+    # density; as its log-prob is reported as 0, its KL term is 0 too (not 0 / 0).
+    degenerate = std == 0
+    safe_std = torch.where(degenerate, torch.ones_like(std), std)
+    per_element = torch.where(
+        degenerate, torch.zeros_like(mean_a), (mean_a - mean_b) ** 2 / (2 * safe_std**2)
+    )
     return _reduce(per_element, reduction)
+
+
+def step_std(schedule: DDIMSchedule, t: Tensor, t_prev: Tensor, eta: float) -> Tensor:
+    """sigma_t(eta) of DDIM steps t -> t_prev ([S] int64 each, t_prev = -1 for the last step):
+    [S] float32, the same formula (16) as `ddim_step`. 0 marks a deterministic step (eta == 0, or
+    the last step when final_alpha_cumprod == 1), which has no log-density to train on."""
+    a_t = schedule.alpha_bar(t).to(torch.float32)
+    a_p = schedule.alpha_bar(t_prev).to(torch.float32)
+    variance = ((1 - a_p) / (1 - a_t)) * (1 - a_t / a_p)
+    return eta * variance.clamp(min=0) ** 0.5
