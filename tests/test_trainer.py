@@ -284,6 +284,22 @@ def test_grpo_epoch_on_a_sandbox_model_with_the_sandbox_steering_reward(tiny_ove
     assert math.isfinite(metrics["train/kl"]) and math.isfinite(metrics["train/loss"])
 
 
+def test_min_step_std_excludes_near_deterministic_steps(tiny_overrides):
+    from safediff.sampling.ddim import step_std
+
+    trainer, model, _ = make_trainer(tiny_overrides)
+    t, t_prev = model.schedule.timesteps(3)
+    std = step_std(model.schedule, t, t_prev, trainer.cfg.sampling.eta)
+    assert bool((std > 0).all())  # tiny-sd: no deterministic step
+    assert trainer.run_epoch(0)["train/transitions_per_inner_epoch"] == 8 * 3
+    cut = float(std.min()) * 1.01  # the smallest-std step (the last) is left out
+    trainer, _, _ = make_trainer([*tiny_overrides, f"grpo.min_step_std={cut}"])
+    assert trainer.run_epoch(0)["train/transitions_per_inner_epoch"] == 8 * 2
+    trainer, _, _ = make_trainer([*tiny_overrides, f"grpo.min_step_std={float(std.max())}"])
+    with pytest.raises(SafediffError, match="no trainable denoising step"):
+        trainer.run_epoch(0)
+
+
 def test_rewards_are_logged_per_prompt_kind(tiny_overrides, tmp_path, caplog):
     prompts = tmp_path / "mixed.csv"
     prompts.write_text(

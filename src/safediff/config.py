@@ -72,6 +72,11 @@ class GRPOConfig:
     """Fraction of each trajectory's denoising steps that are trained, drawn per sample."""
     train_last_step: bool = True
     """Reference quirk when False: the last denoising step is never trained."""
+    min_step_std: float = 0.0
+    """Steps whose sampling std sigma_t(eta) is at most this are not trained (nor KL-penalised).
+    A deterministic step (std 0) never is. A near-deterministic last step (e.g. std 0.009 in the
+    sandbox's 10-step schedule) has log-prob ratios and KL terms that explode for any change of its
+    mean, so they drown the other steps' gradient after norm clipping."""
     train_cfg: bool = True
     """Recompute log-probs with CFG during training (as sampled). False trains the conditional
     branch alone."""
@@ -173,6 +178,7 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
         (0 < cfg.grpo.timestep_fraction <= 1, "grpo.timestep_fraction must be in (0, 1]"),
+        (cfg.grpo.min_step_std >= 0, "grpo.min_step_std must be >= 0"),
         (cfg.grpo.inner_epochs >= 1, "grpo.inner_epochs must be >= 1"),
         (cfg.grpo.micro_batch >= 1, "grpo.micro_batch must be >= 1"),
         (cfg.grpo.grad_accum >= 0, "grpo.grad_accum must be >= 0"),

@@ -245,13 +245,15 @@ class GRPOTrainer:
         n_local, n_steps = traj.log_probs.shape
         limit = n_steps if g.train_last_step else n_steps - 1
         # Deterministic steps (std 0: the last one when the scheduler sets alpha to one) have a
-        # constant log-prob, so no gradient: they are not trained.
+        # constant log-prob, so no gradient: they are not trained; nor are steps with std at
+        # most grpo.min_step_std.
         std = step_std(self.model.schedule, traj.timesteps, traj.prev_timesteps, cfg.sampling.eta)
-        steps = [s for s in range(limit) if float(std[s]) > 0]
+        steps = [s for s in range(limit) if float(std[s]) > max(0.0, g.min_step_std)]
         if not steps:
             raise SafediffError(
                 "no trainable denoising step (each is deterministic or excluded): raise "
-                "sampling.num_steps, set sampling.eta > 0 or set grpo.train_last_step"
+                "sampling.num_steps, set sampling.eta > 0, lower grpo.min_step_std or set "
+                "grpo.train_last_step"
             )
         n_train = max(1, round(g.timestep_fraction * len(steps)))
         uncond = batch.negative_embeds if g.train_cfg else None
