@@ -107,10 +107,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--world",
         choices=["sandbox", "tiny-sd"],
-        default="tiny-sd",
-        help="tiny-sd (default for now): the one-minute engine smoke run (random tiny SD, "
-        "brightness reward); sandbox: GRPO + steering reward on the sandbox world, evaluated with "
-        "its judges (see the README: its steering reward does not yet cut the unsafe rate)",
+        default="sandbox",
+        help="sandbox (default): GRPO + steering reward on the shipped sandbox model, evaluated "
+        "with its judges (unsafe rate per family, utility, alignment; report.html); tiny-sd: the "
+        "one-minute engine smoke run (random tiny SD, brightness reward)",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)
