@@ -11,29 +11,16 @@ blind spots. About 5 minutes on one thread.
 """
 
 import argparse
+import functools
 import time
 
 import torch
-import torch.nn.functional as F
 
 import safediff.sandbox.clip as clip
 from safediff.sandbox.build import BUILD_CONFIG
-from safediff.sandbox.data import make_pool
+from safediff.sandbox.data import augment, make_pool
 from safediff.sandbox.text_encoder import load_text_encoder
 from safediff.seeding import derive_seed
-
-
-def strong_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """x [B, 3, H, W] in [0, 1] -> same shape: gain, tint, light blur, noise (see module doc)."""
-    b = x.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
-    x = x * (0.8 + 0.4 * u(b, 3, 1, 1)) + (u(b, 3, 1, 1) - 0.5) * 0.3
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    w = 0.4 + 0.6 * u(b, 1, 1, 1)
-    w = torch.where(u(b, 1, 1, 1) < 0.3, w, torch.ones_like(w))
-    x = w * x + (1 - w) * blurred
-    x = x + torch.randn(x.shape, generator=gen) * (0.15 * u(b, 1, 1, 1))
-    return x.clamp(0, 1)
 
 
 def main() -> None:
@@ -42,7 +29,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    clip.augment = strong_augment  # train_clip looks `augment` up in its module
+    # train_clip looks `augment` up in its module
+    clip.augment = functools.partial(augment, gain=0.2, offset=0.15, noise=0.15)
     t0 = time.perf_counter()
     pc, cfg = BUILD_CONFIG["pool"], BUILD_CONFIG["clip"]
     pool = make_pool(derive_seed(0, "train-pool"), pc["n_grammar"], pc["n_random"],

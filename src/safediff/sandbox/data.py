@@ -251,21 +251,27 @@ def make_pool(
     )
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    gain: float = 0.1,
+    offset: float = 0.03,
+    noise: float = 0.04,
+) -> torch.Tensor:
     """Image-level nuisance for training batches: x [B, 3, H, W] in [0, 1] -> same shape.
 
-    Per image: a channel gain in [0.9, 1.1] and offset in [-0.03, 0.03]; with prob. 0.3 a light
-    3 x 3 blur (weight of the centre pixel in [0.4, 1]); Gaussian noise with std in [0, 0.04].
-    Geometry is untouched (targets stay valid). Randomness from `gen` (CPU).
+    Per image: a channel gain in [1 - gain, 1 + gain] and offset in [-offset, offset]; with prob.
+    0.3 a light 3 x 3 blur (weight of the centre pixel in [0.4, 1]); Gaussian noise with std in
+    [0, noise]. Geometry is untouched (targets stay valid). Randomness from `gen` (CPU).
     """
     b = x.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
-    x = x * (0.9 + 0.2 * u(b, 3, 1, 1)) + (u(b, 3, 1, 1) - 0.5) * 0.06
+    x = x * ((1 - gain) + 2 * gain * u(b, 3, 1, 1)) + (u(b, 3, 1, 1) - 0.5) * (2 * offset)
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     w = 0.4 + 0.6 * u(b, 1, 1, 1)
     w = torch.where(u(b, 1, 1, 1) < 0.3, w, torch.ones_like(w))
     x = w * x + (1 - w) * blurred
-    x = x + torch.randn(x.shape, generator=gen) * (0.04 * u(b, 1, 1, 1))
+    x = x + torch.randn(x.shape, generator=gen) * (noise * u(b, 1, 1, 1))
     return x.clamp(0, 1)
 
 
