@@ -44,12 +44,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from safediff.eval.generate import default_size, generate
     from safediff.eval.model_spec import parse_model_spec
     from safediff.eval.prompt_sets import PromptRow
     from safediff.models.loading import load_t2i_model
+    from safediff.models.stable_diffusion import diffusers_pipeline
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -68,14 +68,7 @@ def main() -> None:
     ]
     pixel_space = "vae" not in model.components  # the sandbox: no VAE, no diffusers pipeline
     if not pixel_space:
-        pipe = StableDiffusionPipeline(
-            unet=model.unet,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **{k: model.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = diffusers_pipeline(model.components, model.unet)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from safediff.config import ModelConfig, TrainConfig, save_config
@@ -28,6 +27,7 @@ from safediff.eval.generate import (
 from safediff.eval.model_spec import parse_model_spec
 from safediff.eval.prompt_sets import PromptRow, load_prompt_set
 from safediff.models.loading import load_t2i_model, save_unet_safetensors
+from safediff.models.stable_diffusion import diffusers_pipeline
 from safediff.models.tiny_sd import save_tiny_sd
 from safediff.seeding import generator
 
@@ -143,14 +143,7 @@ def test_each_image_equals_diffusers_pipeline(model, tmp_path):
         default_seed=3,
         default_guidance=6.0,
     )
-    pipe = StableDiffusionPipeline(
-        unet=model.unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **{k: model.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(model.components, model.unet)
     assert len(result.records) == 4
     for rec in result.records:
         latents = torch.randn(

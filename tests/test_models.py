@@ -15,14 +15,14 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from open_clip.tokenizer import SimpleTokenizer
 
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.clip_tokenizer import build_clip_tokenizer
 from safediff.models.loading import load_t2i_model, load_unet_weights, save_unet_safetensors
-from safediff.models.stable_diffusion import sd_components_to_t2i
+from safediff.models.stable_diffusion import diffusers_pipeline, sd_components_to_t2i
 from safediff.models.tiny_sd import build_tiny_sd, save_tiny_sd
 
 PROMPTS = [
@@ -172,13 +172,7 @@ def test_encode_text_matches_diffusers_pipeline(tiny_model):
     assert states.shape == (3, 77, 32) and states.dtype == torch.float32
     assert not states.requires_grad
     assert torch.equal(states, m.encode_text(prompts, torch.device("cpu")))
-    pipe = StableDiffusionPipeline(
-        unet=m.unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **{k: m.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
-    )
+    pipe = diffusers_pipeline(m.components, m.unet)
     ref, _ = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
     torch.testing.assert_close(states, ref, rtol=0, atol=0)
     # Different prompts give different states (the encoder is not constant).
@@ -194,13 +188,7 @@ def test_decode_matches_diffusers_postprocessing(tiny_model):
     vae = m.components["vae"]
     with torch.no_grad():
         raw = vae.decode(latents / vae.config.scaling_factor).sample
-    pipe = StableDiffusionPipeline(
-        unet=m.unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **{k: m.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
-    )
+    pipe = diffusers_pipeline(m.components, m.unet)
     ref = pipe.image_processor.postprocess(raw, output_type="pt")
     torch.testing.assert_close(images, ref)
 

@@ -125,3 +125,24 @@ def sd_components_to_t2i(
         components={k: v for k, v in components.items() if k != "unet"},
         source=source,
     )
+
+
+def diffusers_pipeline(components: dict[str, Any], unet: nn.Module | None = None) -> Any:
+    """A diffusers `StableDiffusionPipeline` over SD components (diffusers names), with no safety
+    checker or feature extractor and its progress bar off: the reference's sampler, for parity
+    tests, benchmarks and `save_pretrained`.
+
+    components: unet (unless given as `unet`), vae, text_encoder, tokenizer, scheduler; a
+    `T2IModel`'s components plus its unet: `diffusers_pipeline(model.components, model.unet)`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=unet if unet is not None else components["unet"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from safediff.errors import SafediffError
 from safediff.models.clip_tokenizer import VOCAB_SIZE, build_clip_tokenizer
+from safediff.models.stable_diffusion import diffusers_pipeline
 
 # Stable Diffusion 1.x / 2.x's training schedule (scheduler/scheduler_config.json of SD 1.5).
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -119,17 +120,7 @@ def save_pipeline_folder(components: dict[str, Any], path: str | Path) -> Path:
     own `from_pretrained(path, subfolder=...)`, and with `safediff.models.loading.load_t2i_model`.
     """
     path = Path(path)
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        unet=components["unet"],
-        scheduler=components["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
+    diffusers_pipeline(components).save_pretrained(path, safe_serialization=True)
     return path
 
 
