@@ -154,7 +154,6 @@ def ddim_step_with_logprob(
     alpha_prod_t = schedule.alpha_bar(timestep).view(bshape)  # a_t
     alpha_prod_t_prev = schedule.alpha_bar(prev_timestep).view(bshape)  # a_p
     beta_prod_t = 1 - alpha_prod_t
-    beta_prod_t_prev = 1 - alpha_prod_t_prev
 
     # 2. predicted x_0 ("f_theta", formula (12)) and predicted noise.
     if schedule.prediction_type == "epsilon":
@@ -167,8 +166,7 @@ def ddim_step_with_logprob(
     # 3. no x0 clipping: SD configs have clip_sample=False.
 
     # 4. sigma_t(eta), formula (16).
-    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = eta * variance ** (0.5)  # [B, 1, 1, 1]
+    std_dev_t = _sigma(alpha_prod_t, alpha_prod_t_prev, eta)  # [B, 1, 1, 1]
 
     # 5. "direction pointing to x_t" of formula (12).
     direction_coeff = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0) ** 0.5
@@ -238,5 +236,12 @@ def step_std(schedule: DDIMSchedule, t: Tensor, t_prev: Tensor, eta: float) -> T
     the last step when final_alpha_cumprod == 1), which has no log-density to train on."""
     a_t = schedule.alpha_bar(t).to(torch.float32)
     a_p = schedule.alpha_bar(t_prev).to(torch.float32)
-    variance = ((1 - a_p) / (1 - a_t)) * (1 - a_t / a_p)
+    return _sigma(a_t, a_p, eta)
+
+
+def _sigma(alpha_prod_t: Tensor, alpha_prod_t_prev: Tensor, eta: float) -> Tensor:
+    """sigma_t(eta) = eta * sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)), formula (16)."""
+    variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (
+        1 - alpha_prod_t / alpha_prod_t_prev
+    )
     return eta * variance.clamp(min=0) ** 0.5
