@@ -61,13 +61,9 @@ def load_t2i_model(
     if is_sandbox_spec(cfg.pretrained):
         return _load_sandbox(cfg.pretrained, unet_file, lora_dir, device)
     components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
-    source = cfg.pretrained
-    if unet_file is not None:
-        load_unet_weights(components["unet"], unet_file)
-        source = f"{source} + {unet_file}"
-    if lora_dir is not None:
-        components["unet"] = merge_lora_adapter(components["unet"], lora_dir)
-        source = f"{source} + LoRA {lora_dir}"
+    components["unet"], source = _apply_checkpoints(
+        components["unet"], cfg.pretrained, unet_file, lora_dir
+    )
     model = sd_components_to_t2i(components, source=source, resolution=cfg.resolution)
     # Dtypes were set at load time (a .to(dtype) after from_pretrained makes diffusers warn).
     model.unet.to(device)
@@ -87,13 +83,22 @@ def _load_sandbox(
 
     _, _, path = pretrained.partition(":")
     model = load_sandbox_model(path or weight_file("diffusion.safetensors"), device=device)
-    if unet_file is not None:
-        load_unet_weights(model.unet, unet_file)
-        model.source = f"{model.source} + {unet_file}"
-    if lora_dir is not None:
-        model.unet = merge_lora_adapter(model.unet, lora_dir)
-        model.source = f"{model.source} + LoRA {lora_dir}"
+    model.unet, model.source = _apply_checkpoints(model.unet, model.source, unet_file, lora_dir)
     return model
+
+
+def _apply_checkpoints(
+    unet: nn.Module, source: str, unet_file: Path | None, lora_dir: Path | None
+) -> tuple[nn.Module, str]:
+    """(unet, source) with the bare UNet file loaded, then the LoRA adapter merged, each named in
+    the source string."""
+    if unet_file is not None:
+        load_unet_weights(unet, unet_file)
+        source = f"{source} + {unet_file}"
+    if lora_dir is not None:
+        unet = merge_lora_adapter(unet, lora_dir)
+        source = f"{source} + LoRA {lora_dir}"
+    return unet, source
 
 
 # ---------------------------------------------------------------------------------------------
