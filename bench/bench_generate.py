@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
 
-    from safediff.eval.generate import default_size, generate
+    from safediff.eval.generate import default_size, generate, to_uint8
     from safediff.eval.model_spec import parse_model_spec
     from safediff.eval.prompt_sets import PromptRow
     from safediff.models.loading import load_t2i_model
@@ -98,8 +98,7 @@ def main() -> None:
                     ).sample
                     e_u, e_c = eps.chunk(2)
                     x = sched.step(e_u + args.guidance * (e_c - e_u), t, x).prev_sample
-            img = (model.decode(x)[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
-            Image.fromarray(img).save(out / f"{row.index}.png")
+            Image.fromarray(to_uint8(model.decode(x))[0].numpy()).save(out / f"{row.index}.png")
 
     def reference(rows_: list, out: Path) -> None:
         if pixel_space:
