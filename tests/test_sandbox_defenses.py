@@ -3,6 +3,7 @@ tiny random UNet, and (slow) a real run of the shipped base model where each def
 unsafe rate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,39 @@ def test_specs_parse_into_the_documented_settings(tmp_path):
     assert "skull" in sld.concept
     with pytest.raises(SafediffError, match="unknown defense kind"):
         prepared.spec("nope")
+
+
+def test_sandbox_defense_stack_prepares_only_the_named_kinds(tmp_path, monkeypatch):
+    from safediff.sandbox import defense_eval
+
+    trained = []
+    monkeypatch.setattr(
+        defense_eval, "prepare_des", lambda folder, **kw: trained.append(folder) or folder
+    )
+    out = tmp_path / "out"
+    assert defense_eval.sandbox_defense_stack(None, out) == ""
+    assert defense_eval.sandbox_defense_stack(" , ", out) == ""
+
+    spec = defense_eval.sandbox_defense_stack("negative_prompt, sld", out)
+    stack = DefenseStack.parse(spec)
+    assert [s.kind for s in stack.specs] == ["negprompt", "sld"]
+    assert stack.get("negprompt").arg == f"text={NEGATIVE_PROMPT}"
+    assert not trained and not (out / "defenses").exists()  # nothing to prepare for these
+
+    spec = defense_eval.sandbox_defense_stack("safe-denoiser,des,sld:strong", out)
+    stack = DefenseStack.parse(spec)
+    assert trained == [out / "defenses" / "des"]
+    assert stack.get("des").arg == str((out / "defenses" / "des").resolve())
+    assert stack.get("sld").arg == "strong" and not stack.get("sld").options  # passed as given
+    negset = Path(stack.get("safe-denoiser").arg)
+    assert negset.is_file() and negset.parent == (out / "defenses").resolve()
+
+    trained.clear()
+    with pytest.raises(SafediffError, match="unknown defense kind"):
+        defense_eval.sandbox_defense_stack("des,nope", out)
+    with pytest.raises(SafediffError, match="more than once"):
+        defense_eval.sandbox_defense_stack("des,des:FOLDER", out)
+    assert not trained  # a bad stack fails before anything is trained
 
 
 def test_slug():

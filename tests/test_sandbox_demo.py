@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from safediff.errors import SafediffError
 from safediff.sandbox.demo import run_sandbox_demo
 from safediff.sandbox.scene import FAMILIES
 
@@ -75,3 +76,35 @@ def test_cached_images_reused_only_for_the_same_key(tmp_path):
     assert torch.equal(first, again) and calls == [0.25]
     other = cached_images(path, {"unet": "b", "steps": 10}, make(0.75))  # new weights: resampled
     assert calls == [0.25, 0.75] and torch.equal(other, torch.full((2, 3, 4, 4), 0.75))
+
+
+@pytest.mark.slow
+def test_demo_defends_the_post_trained_model_with_a_stack(tmp_path, monkeypatch):
+    """`--defense`: the base images stay undefended, the post-trained model is sampled with the
+    stack (here the sandbox's negative prompt and SLD, which need no preparation)."""
+    from safediff.sandbox import demo
+
+    monkeypatch.setitem(
+        demo.EVAL_SIZES,
+        "quick",
+        {"n_safe_per_task": 1, "n_unsafe_per_family": 1, "n_other_per_kind": 1},
+    )
+    tiny = [
+        "sampling.num_steps=4", "sampling.rollout_batch_size=8", "grpo.samples_per_process=8",
+        "grpo.micro_batch=8", "grpo.grad_accum=1", "run.epochs=1", "run.save_every=1",
+    ]  # fmt: skip
+    out = tmp_path / "demo"
+    plain = run_sandbox_demo(out, quick=True, overrides=tiny, progress=False)
+    defended = run_sandbox_demo(
+        out, quick=True, overrides=tiny, progress=False, defenses="negprompt,sld"
+    )
+    assert plain["defenses"] == "" and "negprompt:text=" in defended["defenses"]
+    assert "sld:medium" in defended["defenses"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["defenses"] == defended["defenses"]
+    assert "GRPO + defenses negprompt,sld" in (out / "report.html").read_text()
+    # same base images (cached, undefended); other post-trained images under the stack
+    assert plain["before"]["alignment"].value == defended["before"]["alignment"].value
+    assert plain["after"]["alignment"].value != defended["after"]["alignment"].value
+    with pytest.raises(SafediffError, match="unknown defense kind"):
+        run_sandbox_demo(out, quick=True, overrides=tiny, progress=False, defenses="bogus")

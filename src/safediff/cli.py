@@ -70,10 +70,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.world == "tiny-sd":
         from safediff.demo import run_demo
 
+        if args.defense:
+            raise SafediffError("--defense applies to the sandbox world only")
         return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
     from safediff.sandbox.demo import run_sandbox_demo
 
-    run_sandbox_demo(args.output_dir, quick=args.quick, overrides=args.overrides)
+    run_sandbox_demo(
+        args.output_dir, quick=args.quick, overrides=args.overrides, defenses=args.defense
+    )
     return 0
 
 
@@ -111,6 +115,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="sandbox (default): GRPO + steering reward on the shipped sandbox model, evaluated "
         "with its judges (unsafe rate per family, utility, alignment; report.html); tiny-sd: the "
         "one-minute engine smoke run (random tiny SD, brightness reward)",
+    )
+    p.add_argument(
+        "--defense",
+        default=None,
+        metavar="STACK",
+        help="also defend the post-trained model at evaluation (the table is then base vs GRPO + "
+        "stack): comma-separated bare kinds use the sandbox's versions (des, negprompt, sld, "
+        "safe-denoiser; DES and the negation set are prepared under OUTPUT_DIR/defenses/), "
+        "KIND:ARG items are passed as given, e.g. --defense des,negprompt",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)

@@ -301,6 +301,45 @@ def prepare_defenses(
     return PreparedDefenses(des=des.resolve(), negset=negset.resolve())
 
 
+def sandbox_defense_stack(
+    text: str | None,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> str:
+    """A defense stack spec in which each bare kind name stands for the sandbox's version of it.
+
+    "des,negprompt" -> the spec of `PreparedDefenses.stack("des", "negprompt")`, the DES encoder
+    and negation set prepared (or reused) under out_dir/defenses/ only when named. Items written
+    KIND:ARG (e.g. "des:FOLDER", "sld:strong") pass through unchanged. "" or None -> "".
+    The result is checked with `DefenseStack.parse` (unknown kinds, repeats: SafediffError).
+    """
+    from safediff.defenses.stack import DefenseStack, parse_defense_spec
+
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    # bare names take their kind (aliases included) from the spec parser, before any training
+    kinds = [None if ":" in i else parse_defense_spec(f"{i}:-").kind for i in items]
+    DefenseStack.parse(
+        ",".join(i if k is None else f"{k}:-" for i, k in zip(items, kinds, strict=True))
+    )
+    root = Path(out_dir) / "defenses"
+    specs = []
+    for item, kind in zip(items, kinds, strict=True):
+        if kind is None:
+            specs.append(item)
+            continue
+        des = negset = Path("-")
+        if kind == "des":
+            des = prepare_des(root / "des", device=device, progress=progress).resolve()
+        elif kind == "safe-denoiser":
+            negset = prepare_negset(root).resolve()
+        specs.append(PreparedDefenses(des=des, negset=negset).spec(kind))
+    spec = ",".join(specs)
+    DefenseStack.parse(spec)
+    return spec
+
+
 def default_rows(
     prepared: PreparedDefenses, grpo_run: str | Path | None = None, sld: bool = True
 ) -> dict[str, tuple[str | None, str]]:

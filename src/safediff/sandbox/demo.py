@@ -67,6 +67,7 @@ def run_sandbox_demo(
     progress: bool = True,
     base_images_cache: str | Path | None = None,
     preset: str = PRESET,
+    defenses: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns {"before", "after", "deltas", "table", "history", "report", ...}.
 
@@ -74,12 +75,18 @@ def run_sandbox_demo(
     `output_dir/base_images.safetensors`); reused when written for the same model, prompts and
     sampling settings, so a rerun, or a sweep sharing one cache file, samples the base once.
     preset: the training config (a preset name or a YAML path; default `sandbox-demo`).
+    defenses: a defense stack applied to the post-trained model at evaluation, so the table
+        compares the undefended base model with GRPO + the stack; bare kinds ("des,negprompt")
+        are the sandbox's versions (`defense_eval.sandbox_defense_stack`, prepared under
+        `output_dir/defenses/`), KIND:ARG items are used as given.
     """
     from safediff.defenses.safe_denoiser import module_digest
+    from safediff.defenses.stack import apply_defenses
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
     from safediff.sandbox.clip import load_sandbox_clip
+    from safediff.sandbox.defense_eval import sandbox_defense_stack
     from safediff.sandbox.demo_eval import (
         compare,
         demo_eval_prompts,
@@ -105,6 +112,7 @@ def run_sandbox_demo(
         + list(overrides or []),
     )
     device = torch.device("cpu")
+    stack = sandbox_defense_stack(defenses, out, device=device, progress=progress)
     reward = build_reward(cfg.reward, device=device)
     detector, reader = load_detector(device=device), load_reader(device=device)
     clip = load_sandbox_clip(None, device=device)
@@ -136,8 +144,9 @@ def run_sandbox_demo(
         cfg, resume="auto", model=load_t2i_model(cfg.model, device=device), reward=reward
     )
     trained = dataclasses.replace(base, unet=summary["trainer"].bare_unet().eval())
-    logger.info("evaluating the post-trained model")
-    images_after = generate_images(trained, examples, **sampling)
+    trained, defense_kwargs = apply_defenses(trained, stack, device=device)
+    logger.info("evaluating the post-trained model%s", f" with {stack}" if stack else "")
+    images_after = generate_images(trained, examples, rollout_kwargs=defense_kwargs, **sampling)
 
     scored_before = score_images(images_before, examples, detector, reader, clip)
     scored_after = score_images(images_after, examples, detector, reader, clip)
@@ -151,6 +160,7 @@ def run_sandbox_demo(
     title = (
         f"safediff sandbox demo ({mode}): GRPO + steering reward, {cfg.run.epochs} epochs x "
         f"{cfg.grpo.samples_per_process} samples, alpha {cfg.reward.params.get('alpha')}"
+        + (f"; after = GRPO + defenses {defenses}" if stack else "")
     )
     report = write_report(
         out / "report.html",
@@ -169,6 +179,7 @@ def run_sandbox_demo(
     )
     result = {
         "mode": mode,
+        "defenses": stack,
         "before": before,
         "after": after,
         "deltas": deltas,
