@@ -218,13 +218,13 @@ class NegationSet:
         """Write as safetensors (tensor 'samples'; source and digest in the metadata)."""
         from safetensors.torch import save_file
 
+        from safediff.atomic import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"source": self.source, "digest": self.digest, "count": str(len(self))}
         meta.update(extra or {})
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({NEGSET_KEY: self.samples.contiguous().cpu()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({NEGSET_KEY: self.samples.contiguous().cpu()}, str(tmp), metadata=meta)
         return path
 
     @classmethod

@@ -49,6 +49,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import safediff
+from safediff.atomic import atomic_path, write_text_atomic
 from safediff.errors import SafediffError
 from safediff.eval.prompt_sets import FORMATS, PromptRow
 from safediff.models.base import T2IModel
@@ -237,18 +238,8 @@ def save_png_atomic(image: Image.Image, path: Path, metadata: str | None = None)
     if metadata is not None:
         info = PngImagePlugin.PngInfo()
         info.add_text(METADATA_KEY, metadata)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -360,7 +351,7 @@ def generate(
     records = [job_record(j) for j in jobs]
     if is_main:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        _write_text_atomic(out_dir / RECORDS_FILE, text)
+        write_text_atomic(out_dir / RECORDS_FILE, text)
         run = {
             "safediff_version": safediff.__version__,
             "model": model.source,
@@ -384,7 +375,7 @@ def generate(
             "skipped": skipped,
             "seconds": round(seconds, 3),
         }
-        _write_text_atomic(out_dir / RUN_FILE, json.dumps(run, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(out_dir / RUN_FILE, json.dumps(run, indent=1, ensure_ascii=False) + "\n")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return GenerationResult(out_dir, records, generated, skipped, seconds)

@@ -21,7 +21,6 @@ batch shares a size, else as the list of file paths.
 import argparse
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safediff.atomic import write_text_atomic
 from safediff.errors import SafediffError
 from safediff.eval.scorers.base import Scorer, load_image, protocol_filename, summarize_values
 
@@ -76,13 +76,6 @@ def read_generation(run_dir: str | Path) -> list[dict[str, Any]]:
             raise SafediffError(f"{path}: image name {rec['name']!r} appears twice")
         seen.add(rec["name"])
     return records
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -200,7 +193,7 @@ def score_run(
             _json_safe({"name": g["name"], "position": i, **r}, scorer.protocol)
             for i, (g, r) in enumerate(zip(gen, recs, strict=True))
         ]
-        _write_atomic(scores_dir / f"{stem}.jsonl", "".join(line + "\n" for line in lines))
+        write_text_atomic(scores_dir / f"{stem}.jsonl", "".join(line + "\n" for line in lines))
         agg = dict(scorer.aggregate(recs))
         agg["file"] = f"{SCORES_DIR}/{stem}.jsonl"
         feats = getattr(scorer, "features", None)
@@ -210,7 +203,7 @@ def score_run(
         if agg.get("value_key") and agg.get("value_type"):
             agg["categories"] = category_breakdown(recs, gen, agg["value_key"], agg["value_type"])
         summary["scores"][scorer.protocol] = agg
-    _write_atomic(
+    write_text_atomic(
         run_dir / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=False)
     )
     return summary

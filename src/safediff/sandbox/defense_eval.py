@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safediff.atomic import write_text_atomic
 from safediff.config import ModelConfig, to_dict
 from safediff.defenses.des import DESConfig
 from safediff.errors import SafediffError
@@ -203,10 +204,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=json_default) + "\n")
 
 
 def prepare_des(

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from safediff.atomic import atomic_path
 from safediff.config import load_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,8 @@ def cached_images(
             if (fh.metadata() or {}).get("key") == text:
                 return load_file(str(path))["images"]
     images = make()
-    tmp = path.with_suffix(".tmp")
-    save_file({"images": images.contiguous()}, str(tmp), metadata={"key": text})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous()}, str(tmp), metadata={"key": text})
     return images
 
 

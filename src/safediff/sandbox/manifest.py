@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from safediff.atomic import atomic_path, write_text_atomic
 from safediff.errors import SafediffError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -44,16 +45,13 @@ def sha256_file(path: str | Path) -> str:
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `state` (float32, contiguous, on the CPU) with `meta` as metadata; atomic replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().to("cpu").contiguous() if not v.is_floating_point()
         else v.detach().to("cpu", torch.float32).contiguous()
         for k, v in state.items()
     }  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.chmod(0o644)  # package data: readable by everyone
-    tmp.replace(path)
+    with atomic_path(path, mode=0o644) as tmp:  # package data: readable by everyone
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     return path
 
 
@@ -120,9 +118,7 @@ def record_file(
         entry["note"] = note
     manifest["files"][filename] = entry
     manifest["updated"] = now
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return entry
 
 
