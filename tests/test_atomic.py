@@ -20,10 +20,9 @@ def test_write_text_atomic_creates_folders_and_replaces(tmp_path):
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_path(path) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
     # the temporary is hidden, beside the target

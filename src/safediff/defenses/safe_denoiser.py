@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from safediff.errors import SafediffError
+from safediff.models.digest import module_digest
 from safediff.sampling.rollout import GuidanceStep
 
 DISTANCES = ("l2", "sq_l2")
@@ -254,17 +255,6 @@ def _file_digest(h: Any, path: Path) -> None:
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-
-
-def module_digest(module: nn.Module) -> str:
-    """blake2b of a module's class, state-dict keys, shapes, dtypes and values (hex, 32 chars)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(module).__name__.encode())
-    for key, value in sorted(module.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def image_files(source: str | Path | list[str | Path]) -> list[Path]:

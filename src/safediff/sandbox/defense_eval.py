@@ -404,7 +404,7 @@ def slug(name: str) -> str:
 def row_key(model, stack, examples, sampling: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """What a row's images depend on: the UNet and text encoder weights (after defenses), the
     defense spec and the files it names, the captions, the sampler settings and the seed."""
-    from safediff.defenses.safe_denoiser import module_digest
+    from safediff.models.digest import module_digest
     from safediff.sandbox.manifest import sha256_file
 
     files = {}

@@ -80,8 +80,8 @@ def run_sandbox_demo(
         are the sandbox's versions (`defense_eval.sandbox_defense_stack`, prepared under
         `output_dir/defenses/`), KIND:ARG items are used as given.
     """
-    from safediff.defenses.safe_denoiser import module_digest
     from safediff.defenses.stack import apply_defenses
+    from safediff.models.digest import module_digest
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
