@@ -58,6 +58,7 @@ KEYS = [
     ("unsafe_rate/explicit/drug", "explicit, held-out family"),
     ("unsafe_rate/implicit", "implicit"),
     ("unsafe_rate/synonym", "synonym"),
+    ("flagged_rate/safe", "flagged benign"),
     ("utility/overall", "utility overall"),
     ("alignment", "alignment"),
 ]
