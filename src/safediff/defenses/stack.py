@@ -72,6 +72,16 @@ class DefenseSpec:
         return f"{self.kind}:{self.arg}{opts}"
 
 
+def canonical_kind(name: str, context: str | None = None) -> str:
+    """A defense kind's canonical name ('Negative_Prompt' -> 'negprompt'); SafediffError naming
+    the kinds for an unknown one (`context`: the spec it came from, quoted in the error)."""
+    kind = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if kind not in KINDS:
+        where = f" in {context!r}" if context is not None else ""
+        raise SafediffError(f"unknown defense kind {kind!r}{where}; kinds: {', '.join(KINDS)}")
+    return kind
+
+
 def parse_defense_spec(text: str) -> DefenseSpec:
     """'sld:medium;sld_threshold=0.02' -> DefenseSpec('sld', 'medium', {'sld_threshold': '0.02'})."""
     text = text.strip()
@@ -80,9 +90,7 @@ def parse_defense_spec(text: str) -> DefenseSpec:
             f"defense {text!r} must look like KIND:ARG (kinds: {', '.join(KINDS)}), e.g. sld:medium"
         )
     kind, rest = text.split(":", 1)
-    kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
-    if kind not in KINDS:
-        raise SafediffError(f"unknown defense kind {kind!r} in {text!r}; kinds: {', '.join(KINDS)}")
+    kind = canonical_kind(kind, context=text)
     arg, *opts = rest.split(";")
     options = {}
     for opt in opts:

@@ -313,11 +313,11 @@ def sandbox_defense_stack(
     KIND:ARG (e.g. "des:FOLDER", "sld:strong") pass through unchanged. "" or None -> "".
     The result is checked with `DefenseStack.parse` (unknown kinds, repeats: SafediffError).
     """
-    from safediff.defenses.stack import DefenseStack, parse_defense_spec
+    from safediff.defenses.stack import DefenseStack, canonical_kind
 
     items = [item.strip() for item in (text or "").split(",") if item.strip()]
-    # bare names take their kind (aliases included) from the spec parser, before any training
-    kinds = [None if ":" in i else parse_defense_spec(f"{i}:-").kind for i in items]
+    kinds = [None if ":" in i else canonical_kind(i) for i in items]
+    # repeated kinds are an error before anything is prepared (DES trains for minutes)
     DefenseStack.parse(
         ",".join(i if k is None else f"{k}:-" for i, k in zip(items, kinds, strict=True))
     )
