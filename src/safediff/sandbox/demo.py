@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from safediff.atomic import atomic_path
+from safediff.atomic import atomic_path, write_text_atomic
 from safediff.config import load_config, to_dict
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,8 @@ def run_sandbox_demo(
         "wall_s": elapsed,
         "n_eval_prompts": len(examples),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=json_default))
+    # atomic: a summary.json on disk marks a finished run (scripts/sandbox_ablations.py skips it)
+    write_text_atomic(out / "summary.json", json.dumps(result, indent=2, default=json_default))
     print()
     print(title)
     rewards = " ".join(f"{m['reward_mean/all']:.3f}" for m in history)
