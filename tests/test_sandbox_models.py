@@ -580,3 +580,36 @@ def test_build_diffusion_records_base_model_metrics(tmp_path, monkeypatch):
     assert entry["config"]["train"]["steps"] == 2
     model = load_sandbox_model(out)
     assert model.schedule.num_train_timesteps == 1000
+
+
+@pytest.mark.slow
+def test_build_diffusion_continued_records_its_lineage_and_resumed_loss(tmp_path, monkeypatch):
+    """Continuing from the shipped file: the entry names the init file's hash and step, and a
+    second build that resumes at the last step (trains nothing) still records the run's loss."""
+    from safediff.sandbox import build
+
+    out = tmp_path / "w"
+    shutil.copytree(manifest.WEIGHTS_DIR, out)
+    init = tmp_path / "init.safetensors"
+    shutil.copyfile(manifest.weight_file("diffusion"), init)
+    done = manifest.read_metadata(init)["train"]["steps_done"]
+    monkeypatch.setitem(
+        build.BUILD_CONFIG,
+        "diffusion_eval",
+        {"n_safe": 2, "n_unsafe": 2, "num_steps": 1, "guidance_scale": 2.0},
+    )
+    kwargs = dict(
+        only=["diffusion"], diffusion_steps=done + 2, diffusion_batch_size=2,
+        diffusion_run_dir=tmp_path / "run", progress=False, diffusion_init=init,
+    )  # fmt: skip
+    first = build.build_sandbox(out, **kwargs)["diffusion"]
+    assert first["config"]["train"]["init"] == {
+        "sha256": manifest.sha256_file(init),
+        "steps_done": done,
+    }
+    assert f"--diffusion-init {init}" in first["command"]
+    assert first["metrics"]["final_loss"] > 0
+    again = build.build_sandbox(out, **kwargs)["diffusion"]
+    assert again["sha256"] == first["sha256"]
+    assert again["metrics"]["final_loss"] == pytest.approx(first["metrics"]["final_loss"])
+    assert again["metrics"]["samples_per_s"] > 0

@@ -15,6 +15,7 @@ it) for bit-identical weights on one machine. Different CPUs or torch versions m
 last bits, so `verify` checks the shipped files against the manifest, not against a rebuild.
 """
 
+import json
 import logging
 import shutil
 import time
@@ -182,6 +183,31 @@ def _build_classifiers(
     return entries
 
 
+def _final_train_metrics(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Mean loss over the last 200 steps and throughput: from this call's steps when it trained,
+    else (a run resumed at its last step) from the run's train_log.jsonl, None if that is empty."""
+    from safediff.sandbox.train_diffusion import LOG_FILE
+
+    losses = [v for _, v in summary["losses"][-200:]]
+    if losses:
+        return {
+            "final_loss": sum(losses) / len(losses),
+            "samples_per_s": round(summary["samples_per_s"], 2),
+        }
+    records = []
+    log_path = run_dir / LOG_FILE
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            if record["step"] <= summary["end_step"]:
+                records.append(record)
+    tail = [r for r in records if r["step"] > summary["end_step"] - 200]
+    return {
+        "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+        "samples_per_s": round(records[-1]["samples_per_s"], 2) if records else None,
+    }
+
+
 def _build_diffusion(
     out: Path,
     run_dir: Path,
@@ -213,11 +239,15 @@ def _build_diffusion(
         ema_decay=cfg["ema_decay"], init_weights=init_weights,
     )  # fmt: skip
     shutil.copyfile(run_dir / DIFFUSION_FILE, out / DIFFUSION_FILE)
-    losses = [v for _, v in summary["losses"][-200:]]
-    metrics: dict[str, Any] = {
-        "final_loss": sum(losses) / max(1, len(losses)),
-        "samples_per_s": round(summary["samples_per_s"], 2),
-    }
+    metrics: dict[str, Any] = _final_train_metrics(summary, run_dir)
+    if init_weights is not None:
+        # the continued-from file, so that the entry names the whole lineage
+        init_meta = manifest.read_metadata(init_weights)
+        cfg["init"] = {
+            "sha256": manifest.sha256_file(init_weights),
+            "steps_done": int(init_meta.get("train", {}).get("steps_done", 0)),
+        }
+        command += f" --diffusion-init {init_weights}"
     if (out / "detector.safetensors").is_file() and (out / "reader.safetensors").is_file():
         from safediff.sandbox.detector import load_detector
         from safediff.sandbox.reader import load_reader
