@@ -11,7 +11,7 @@ plain alignment reward, which prefers the glyph by construction). Prints the mea
 image and how often removal beats the glyph. GRPO can only learn what some sample in a group
 shows, so a refusal the reward prefers must also be one the policy can draw.
 
-Then, for 1,500 prompts of the "grpo_train" split, the share the threshold gate steers (s < t)
+Then, for 1,500 prompts of the "grpo_train" split, the share the threshold gate steers (its text safety score s < t)
 among unsafe-side prompts (explicit, implicit, synonym, keyword-minimal) and safe-side ones (benign
 and negation), for each --thresholds value.
 """
@@ -22,9 +22,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from safediff.rewards.anchors import load_anchor_set
 from safediff.rewards.clip_rewards import build_steering_reward
-from safediff.rewards.steering import safety_direction
 from safediff.sandbox.captions import sample_example
 from safediff.sandbox.clip import load_sandbox_clip
 from safediff.sandbox.render import render, to_tensor
@@ -67,19 +65,16 @@ def main() -> None:
         steer = build_steering_reward(
             clip, anchors=args.anchors, alpha=alpha, mode="translation", gating="threshold"
         )
-        plain = build_steering_reward(clip, anchors=args.anchors, alpha=0.0, gating="all")
         r = steer(images, captions).view(-1, k)
-        steered = (r - plain(images, captions).view(-1, k)).abs().amax(1) > 1e-6
-        rs = r[steered]
+        steered = steer.prompt_targets([e.caption for e in examples])["weight"] > 0
+        rs = r[steered.to(r.device)]
         means = "  ".join(f"{v:>15.3f}" for v in rs.mean(0).tolist())
         wins = (rs[:, 1] > rs[:, 0]).float().mean().item()
         print(f"{alpha:>5.1f}  {int(steered.sum()):>3}/{len(examples):<3}  {means}  {wins:>17.2f}")
 
-    anchors = load_anchor_set(args.anchors)
-    v_safe = safety_direction(clip.encode_text(anchors.safe), clip.encode_text(anchors.unsafe))
     rng = np.random.default_rng(derive_seed(0, "reward-probe-gate"))
     mix = [sample_example(rng, "grpo_train") for _ in range(1500)]
-    s = clip.encode_text([e.caption for e in mix]) @ v_safe
+    s = steer.prompt_targets([e.caption for e in mix])["text_safety"].cpu()
     unsafe = torch.tensor([e.metadata.get("family") is not None for e in mix])
     print(f"gate over {len(mix)} grpo_train prompts ({int(unsafe.sum())} unsafe-side)")
     for t in (float(x) for x in args.thresholds.split(",")):
