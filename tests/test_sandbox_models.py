@@ -613,3 +613,14 @@ def test_build_diffusion_continued_records_its_lineage_and_resumed_loss(tmp_path
     assert again["sha256"] == first["sha256"]
     assert again["metrics"]["final_loss"] == pytest.approx(first["metrics"]["final_loss"])
     assert again["metrics"]["samples_per_s"] > 0
+    assert again["config"]["train"]["init"] == first["config"]["train"]["init"]
+    # resumed with another init file (ignored: the run has a checkpoint), and with a log line cut
+    # short by a killed run: the entry still names the file the run started from, and the loss
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(manifest.weight_file("clip"), other)
+    with (tmp_path / "run" / "train_log.jsonl").open("a") as f:
+        f.write('{"step": 99')
+    resumed = build.build_sandbox(out, **{**kwargs, "diffusion_init": other})["diffusion"]
+    assert resumed["config"]["train"]["init"] == first["config"]["train"]["init"]
+    assert "--diffusion-init" not in resumed["command"]
+    assert resumed["metrics"]["final_loss"] == pytest.approx(first["metrics"]["final_loss"])

@@ -198,7 +198,10 @@ def _final_train_metrics(summary: dict[str, Any], run_dir: Path) -> dict[str, An
     log_path = run_dir / LOG_FILE
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
             if record["step"] <= summary["end_step"]:
                 records.append(record)
     tail = [r for r in records if r["step"] > summary["end_step"] - 200]
@@ -240,14 +243,11 @@ def _build_diffusion(
     )  # fmt: skip
     shutil.copyfile(run_dir / DIFFUSION_FILE, out / DIFFUSION_FILE)
     metrics: dict[str, Any] = _final_train_metrics(summary, run_dir)
-    if init_weights is not None:
-        # the continued-from file, so that the entry names the whole lineage
-        init_meta = manifest.read_metadata(init_weights)
-        cfg["init"] = {
-            "sha256": manifest.sha256_file(init_weights),
-            "steps_done": int(init_meta.get("train", {}).get("steps_done", 0)),
-        }
-        command += f" --diffusion-init {init_weights}"
+    if summary["init"] is not None:
+        # the file the run started from (recorded by the run, so a resume keeps it)
+        cfg["init"] = summary["init"]
+        if init_weights is not None and manifest.sha256_file(init_weights) == cfg["init"]["sha256"]:
+            command += f" --diffusion-init {init_weights}"
     if (out / "detector.safetensors").is_file() and (out / "reader.safetensors").is_file():
         from safediff.sandbox.detector import load_detector
         from safediff.sandbox.reader import load_reader

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from safediff.errors import SafediffError
 from safediff.sandbox.captions import make_split
-from safediff.sandbox.manifest import load_weights, save_weights
+from safediff.sandbox.manifest import load_weights, save_weights, sha256_file
 from safediff.sandbox.render import render_batch
 from safediff.sandbox.text_encoder import SandboxTextEncoder, load_text_encoder
 from safediff.sandbox.unet import (
@@ -327,7 +327,11 @@ def train_diffusion(
             count from its recorded `steps_done`, so the data stream continues where it stopped;
             the optimiser state starts fresh (the file does not hold it).
 
-    Returns: {"out_dir", "weights", "start_step", "end_step", "losses" [(step, loss)],
+            The run records the file's sha256 and step as `init` (in its checkpoints and weight
+            metadata), and a resumed run keeps that record.
+
+    Returns: {"out_dir", "weights", "start_step", "end_step", "init" (None or {"sha256",
+        "steps_done"}: the file the run started from), "losses" [(step, loss)],
         "samples_per_s" (whole loop, data included), "step_samples_per_s" (UNet step only)}.
     """
     if steps < 1 or batch_size < 1:
@@ -349,7 +353,7 @@ def train_diffusion(
         "prediction_type": prediction_type, "caption_dropout": caption_dropout,
         "snr_gamma": snr_gamma, "ema_decay": ema_decay, "warmup_steps": warmup_steps,
         "weight_decay": weight_decay, "grad_clip": grad_clip, "mixed_precision": mixed_precision,
-        "unet_config": unet_config,
+        "unet_config": unet_config, "init": None,
     }  # fmt: skip
 
     from diffusers import DDIMScheduler
@@ -373,7 +377,12 @@ def train_diffusion(
                 "pass the same values or use a fresh out_dir"
             )
         start = int(state["step"])
+        args["init"] = saved.get("init")  # the run's lineage, whatever this call passed
         log.info("resuming diffusion training from step %d (%s)", start, ckpt)
+        if init_weights is not None and (
+            args["init"] is None or args["init"]["sha256"] != sha256_file(init_weights)
+        ):
+            log.warning("%s has a checkpoint; init_weights %s is ignored", out, init_weights)
     elif init_weights is not None:
         from safediff.sandbox.unet import KIND
 
@@ -383,6 +392,7 @@ def train_diffusion(
         unet.load_state_dict(init_state)
         ema.load_state_dict(init_state)
         start = int(init_meta.get("train", {}).get("steps_done", 0))
+        args["init"] = {"sha256": sha256_file(init_weights), "steps_done": start}
         log.info("continuing from %s (step %d; fresh optimiser state)", init_weights, start)
     if start >= steps:
         log.info("checkpoint is at step %d >= steps %d: nothing to train", start, steps)
@@ -452,6 +462,7 @@ def train_diffusion(
         "weights": str(out / DIFFUSION_FILE),
         "start_step": start,
         "end_step": step,
+        "init": args["init"],
         "losses": losses,
         "samples_per_s": done / elapsed if done else 0.0,
         "step_samples_per_s": done / t_unet if done else 0.0,
