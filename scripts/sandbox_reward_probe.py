@@ -1,6 +1,6 @@
 """Which image does the steering reward prefer for an unsafe prompt? A probe on clean renders.
 
-    python scripts/sandbox_reward_probe.py [--n 150] [--anchors sandbox] [--threads 1]
+    python scripts/sandbox_reward_probe.py [--n 150] [--anchors sandbox] [--clip FILE] [--threads 1]
 
 For explicit prompts of the "grpo_train" split, renders four images with the sandbox renderer
 (no diffusion model involved): the scene as prompted (glyph drawn), the same scene with the glyph
@@ -49,10 +49,13 @@ def main() -> None:
     p.add_argument("--anchors", default="sandbox", help="anchor set name or YAML path")
     p.add_argument("--alphas", default="1,4", help="comma-separated alphas")
     p.add_argument("--thresholds", default="0,0.06", help="comma-separated gate thresholds")
+    p.add_argument(
+        "--clip", default=None, help="sandbox CLIP weight file (default: the shipped one)"
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    clip = load_sandbox_clip(None)
+    clip = load_sandbox_clip(args.clip)
     rng = np.random.default_rng(derive_seed(0, "reward-probe"))
     examples = [sample_example(rng, "grpo_train", kind="explicit") for _ in range(args.n)]
     examples = [e for e in examples if e.scene.glyphs]

@@ -2,6 +2,7 @@
 (hash-checked, accurate on freshly rendered held-out scenes), utility scoring, and the diffusion
 model's training loop and T2IModel adapter."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -244,6 +245,52 @@ def test_clip_interface_and_retrieval(heldout, te, no_network):
     txt = clip.encode_text(["a skull", "a red circle"])
     sim = img @ txt.T
     assert sim[0, 0] > sim[0, 1] and sim[1, 1] > sim[1, 0]
+
+
+def _removal_vs_glyph(clip, n: int = 40) -> tuple[float, float, float]:
+    """Steering reward (the demo's: sandbox anchors, alpha 4, translation, threshold gate) of
+    explicit "grpo_train" prompts against their scene as prompted and with the glyph removed,
+    over the prompts the gate steers: (mean as prompted, mean removed, share removal wins)."""
+    from safediff.rewards.clip_rewards import build_steering_reward
+    from safediff.sandbox.render import to_tensor
+
+    rng = np.random.default_rng(11)
+    examples = [sample_example(rng, "grpo_train", kind="explicit") for _ in range(n)]
+    scenes = [(e.scene, dataclasses.replace(e.scene, glyphs=())) for e in examples]
+    images = to_tensor(np.stack([render(s) for pair in scenes for s in pair]))
+    steer = build_steering_reward(
+        clip, anchors="sandbox", alpha=4.0, mode="translation", gating="threshold"
+    )
+    captions = [e.caption for e in examples]
+    r = steer(images, [c for c in captions for _ in range(2)]).view(-1, 2)
+    steered = steer.prompt_targets(captions)["weight"] > 0
+    assert steered.sum() >= n * 3 // 4
+    glyph, removed = r[steered].unbind(-1)
+    return float(glyph.mean()), float(removed.mean()), float((removed > glyph).float().mean())
+
+
+@pytest.mark.slow
+def test_blank_scenes_teach_the_clip_that_a_removed_glyph_is_safer(te, no_network):
+    """Two small CLIPs trained alike, one also on empty scenes captioned as empty (the build's
+    n_blank): with it, an empty render reads as empty rather than as an unsafe family, and the
+    steering reward scores an explicit prompt's scene with its glyph removed above the scene as
+    prompted, which gives GRPO a refusal to reinforce; without it, the glyph scores higher."""
+    from safediff.sandbox.captions import BLANK_CAPTIONS
+    from safediff.sandbox.clip import SandboxClip, train_clip
+    from safediff.sandbox.data import concat_pools
+    from safediff.sandbox.render import to_tensor
+
+    grammar = make_pool(1, 2000, 0)
+    with_blanks = concat_pools(grammar, make_pool(2, 0, 0, n_blank=150))
+    plain = SandboxClip(train_clip(grammar, te, steps=100, seed=0)[0], te)
+    taught = SandboxClip(train_clip(with_blanks, te, steps=100, seed=0)[0], te)
+    blank = taught.encode_images(to_tensor(render(Scene()))[None])
+    sim = (blank @ taught.encode_text([*BLANK_CAPTIONS, "a skull", "a weapon", "fire"]).T)[0]
+    assert sim[: len(BLANK_CAPTIONS)].min() > sim[len(BLANK_CAPTIONS) :].max(), sim
+    glyph, removed, wins = _removal_vs_glyph(taught)
+    assert removed > glyph + 0.1 and wins >= 0.7, (glyph, removed, wins)
+    glyph, removed, wins = _removal_vs_glyph(plain)
+    assert removed < glyph and wins <= 0.5, (glyph, removed, wins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +600,30 @@ def test_build_cli_writes_a_verified_manifest(tmp_path, monkeypatch):
     assert "--only detector,reader,clip --seed 0" in files["clip.safetensors"]["command"]
     load_detector(manifest.weight_file("detector", out))
     load_reader(manifest.weight_file("reader", out))
+
+
+def test_build_clip_with_blank_scenes_records_them(tmp_path, monkeypatch):
+    """`build --only clip --clip-blanks N` at toy sizes: the entry's train config and command
+    name the empty scenes, the file verifies and loads; the default adds none."""
+    from safediff.sandbox import build
+    from safediff.sandbox.clip import load_sandbox_clip
+
+    monkeypatch.setitem(
+        build.BUILD_CONFIG, "pool", {**build.BUILD_CONFIG["pool"], "n_grammar": 40, "n_random": 8}
+    )
+    monkeypatch.setitem(
+        build.BUILD_CONFIG, "heldout", {**build.BUILD_CONFIG["heldout"], "n_grammar": 12}
+    )
+    monkeypatch.setitem(build.BUILD_CONFIG, "clip", {**build.BUILD_CONFIG["clip"], "steps": 2})
+    out = tmp_path / "w"
+    entry = build.build_sandbox(out, only=["clip"], clip_blanks=6, progress=False)["clip"]
+    assert entry["config"]["train"]["n_blank"] == 6
+    assert entry["command"].endswith("--only clip --seed 0 --device cpu --clip-blanks 6")
+    assert manifest.verify(out) == []
+    assert load_sandbox_clip(out / "clip.safetensors").encode_text(["a skull"]).shape == (1, 384)
+    plain = build.build_sandbox(tmp_path / "p", only=["clip"], progress=False)["clip"]
+    assert plain["config"]["train"]["n_blank"] == 0 and "--clip-blanks" not in plain["command"]
+    assert plain["sha256"] != entry["sha256"]
 
 
 @pytest.mark.slow

@@ -363,3 +363,29 @@ def test_every_painted_pixel_lies_inside_the_items_box():
             assert abs(left - x0) <= 1 and abs(top - y0) <= 1 and abs(n - (x1 - x0)) <= 0.5
             assert left <= xs.min() and xs.max() < left + n, (variant, x, y, size)
             assert top <= ys.min() and ys.max() < top + n, (variant, x, y, size)
+
+
+def test_blank_scenes_are_empty_and_captioned_as_empty():
+    """make_pool's blank scenes (the CLIP's "nothing drawn") come after the grammar scenes, draw
+    nothing but the background and carry a BLANK_CAPTIONS caption; concat_pools keeps order."""
+    from safediff.sandbox.captions import BLANK_CAPTIONS, PREFIXES
+    from safediff.sandbox.data import concat_pools, make_pool
+
+    pool = make_pool(5, 3, 2, n_blank=4)
+    assert len(pool) == 9 and pool.captions[7:] == [None, None]
+    grammar = make_pool(5, 3, 0)
+    assert torch.equal(pool.images[:3], grammar.images) and pool.captions[:3] == grammar.captions
+    for i in range(3, 7):
+        assert pool.scenes[i] == Scene()
+        assert any(pool.captions[i] == p + c for p in PREFIXES for c in BLANK_CAPTIONS)
+        assert pool.metadata[i]["task"] == "blank" and pool.metadata[i]["family"] is None
+        img = pool.images[i]
+        assert (img == img[:, :1, :1]).all()  # one (tinted) background colour, nothing drawn
+        assert pool.families[i].sum() == 0 and pool.counts[i].sum() == 0
+        assert (pool.labels[i] == 0).all()
+    again = make_pool(5, 3, 2, n_blank=4)
+    assert torch.equal(again.images, pool.images) and again.captions == pool.captions
+    both = concat_pools(grammar, pool)
+    assert len(both) == 12 and torch.equal(both.images[3:], pool.images)
+    assert both.captions == grammar.captions + pool.captions
+    assert both.scenes == grammar.scenes + pool.scenes

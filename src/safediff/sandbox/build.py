@@ -8,7 +8,8 @@ size, configuration, held-out accuracies, the command and the date.
 Data: the three classifiers learn from one training pool (data.make_pool: grammar renders of the
 "model_train" split plus random multi-glyph scenes, scene-level jitter) and are measured on
 held-out pools drawn with other seeds and the renderer's own jitter: grammar renders of the
-"eval" split (its held-out phrases included) and random scenes.
+"eval" split (its held-out phrases included) and random scenes. The CLIP may also see empty
+scenes captioned as empty (BUILD_CONFIG["clip"]["n_blank"], --clip-blanks).
 
 Reproducibility: every random draw derives from `seed`; run with one torch thread (the CLI sets
 it) for bit-identical weights on one machine. Different CPUs or torch versions may differ in the
@@ -26,7 +27,7 @@ import torch
 
 from safediff.errors import SafediffError
 from safediff.sandbox import manifest
-from safediff.sandbox.data import Pool, make_pool
+from safediff.sandbox.data import Pool, concat_pools, make_pool
 from safediff.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,11 @@ BUILD_CONFIG: dict[str, Any] = {
     "heldout": {"n_grammar": 600, "n_random": 600, "jitter": "render"},
     "detector": {"steps": 300, "batch_size": 128, "lr": 2e-3},
     "reader": {"steps": 700, "batch_size": 64, "lr": 3e-3},
-    "clip": {"steps": 500, "batch_size": 128, "lr": 2e-3, "cos_weight": 1.0},
+    # n_blank: empty scenes captioned as empty, added to the pool for the CLIP only, so that
+    # "nothing drawn" has a place in its space and a removed glyph reads as safer to the steering
+    # reward (scripts/sandbox_reward_probe.py). 0 for the shipped file; 600 with the step-5,000
+    # diffusion model is the candidate screened in the README (--clip-blanks 600)
+    "clip": {"steps": 500, "batch_size": 128, "lr": 2e-3, "cos_weight": 1.0, "n_blank": 0},
     # A CPU recipe (2 cores, hours): small batches, a high constant lr after a short warm-up, and
     # a short EMA horizon (about 200 steps) so that the EMA tracks a short run.
     "diffusion": {
@@ -89,6 +94,7 @@ def build_sandbox(
     diffusion_run_dir: str | Path = "sandbox-diffusion-run",
     progress: bool = True,
     diffusion_init: str | Path | None = None,
+    clip_blanks: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the requested models and record them in `out_dir`'s manifest.
 
@@ -100,6 +106,7 @@ def build_sandbox(
         its final EMA weights are copied into out_dir.
     diffusion_init: continue the diffusion model from this weight file (e.g. the shipped one)
         when the run folder has no checkpoint (see train_diffusion's init_weights).
+    clip_blanks: override BUILD_CONFIG["clip"]["n_blank"] (empty scenes in the CLIP's pool).
     Returns {name: manifest entry}.
     """
     only = list(only or MODELS)
@@ -113,7 +120,9 @@ def build_sandbox(
     entries: dict[str, dict[str, Any]] = {}
     classifiers = [m for m in only if m != "diffusion"]
     if classifiers:
-        entries.update(_build_classifiers(out, classifiers, device, seed, command, progress))
+        entries.update(
+            _build_classifiers(out, classifiers, device, seed, command, progress, clip_blanks)
+        )
     if "diffusion" in only:
         entries["diffusion"] = _build_diffusion(
             out, Path(diffusion_run_dir), device, seed, command, diffusion_steps,
@@ -123,7 +132,13 @@ def build_sandbox(
 
 
 def _build_classifiers(
-    out: Path, names: list[str], device: torch.device, seed: int, command: str, progress: bool
+    out: Path,
+    names: list[str],
+    device: torch.device,
+    seed: int,
+    command: str,
+    progress: bool,
+    clip_blanks: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     from safediff.sandbox import clip, detector, reader
 
@@ -137,7 +152,10 @@ def _build_classifiers(
     entries = {}
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type}
     for name in names:
-        cfg = BUILD_CONFIG[name]
+        cfg, entry_command = dict(BUILD_CONFIG[name]), command
+        if name == "clip" and clip_blanks is not None:
+            cfg["n_blank"] = clip_blanks
+            entry_command += f" --clip-blanks {clip_blanks}"
         t0 = time.perf_counter()
         mseed = derive_seed(seed, name)
         if name == "detector":
@@ -160,8 +178,13 @@ def _build_classifiers(
             from safediff.sandbox.text_encoder import load_text_encoder
 
             te = load_text_encoder(device)
+            clip_pool = pool
+            if cfg["n_blank"] > 0:
+                blanks = make_pool(derive_seed(seed, "clip-blanks"), 0, 0, jitter=pc["jitter"],
+                                   n_blank=cfg["n_blank"])  # fmt: skip
+                clip_pool = concat_pools(pool, blanks)
             tower, losses = clip.train_clip(
-                pool, te, cfg["steps"], cfg["batch_size"], cfg["lr"], mseed, device,
+                clip_pool, te, cfg["steps"], cfg["batch_size"], cfg["lr"], mseed, device,
                 cfg["cos_weight"], progress,
             )  # fmt: skip
             sc = clip.SandboxClip(tower, te)
@@ -178,7 +201,7 @@ def _build_classifiers(
             config={"model": arch, "train": train, "heldout": BUILD_CONFIG["heldout"], **env},
             metrics={**metrics, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                      "train_seconds": round(seconds, 1)},
-            command=command,
+            command=entry_command,
         )  # fmt: skip
     return entries
 

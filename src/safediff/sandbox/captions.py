@@ -189,6 +189,25 @@ class Example:
     metadata: dict[str, Any]
 
 
+BLANK_CAPTIONS = (
+    "an empty background",
+    "a blank picture",
+    "a plain dark background",
+    "nothing drawn",
+)
+"""Captions of the empty scene. Not part of any split: only the sandbox CLIP trains on them, so
+that an image with nothing drawn reads as empty rather than as whatever it happens to resemble."""
+
+
+def blank_example(rng: np.random.Generator) -> Example:
+    """An empty scene and one of BLANK_CAPTIONS (maybe prefixed); metadata task/kind "blank"."""
+    meta: dict[str, Any] = {
+        "task": "blank", "kind": "blank", "family": None, "variant": None, "negated": None,
+        "phrase": None, "held_out_phrase": False, "objects": [], "relation": None,
+    }  # fmt: skip
+    return Example(_pick(rng, PREFIXES) + _pick(rng, BLANK_CAPTIONS), Scene(), meta)
+
+
 def make_split(split_name: str, n: int, seed: int) -> list[Example]:
     """`n` examples of a split; example i depends only on (seed, split_name, i)."""
     _spec(split_name)

@@ -39,6 +39,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         diffusion_run_dir=args.diffusion_run_dir,
         diffusion_init=args.diffusion_init,
+        clip_blanks=args.clip_blanks,
         progress=not args.no_progress,
     )
     for name, entry in entries.items():
@@ -131,6 +132,12 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--diffusion-init",
         help="continue the diffusion model from this weight file (e.g. the shipped "
         "diffusion.safetensors) when the run folder has no checkpoint",
+    )
+    b.add_argument(
+        "--clip-blanks",
+        type=int,
+        help="empty scenes captioned as empty added to the CLIP's training pool (default: the "
+        "build config's, 0 for the shipped file; see the README's step-5,000 screen)",
     )
     b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")

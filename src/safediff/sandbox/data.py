@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from safediff.errors import SafediffError
-from safediff.sandbox.captions import make_split
+from safediff.sandbox.captions import blank_example, make_split
 from safediff.sandbox.render import render
 from safediff.sandbox.scene import (
     BACKGROUND,
@@ -212,14 +212,20 @@ def make_pool(
     n_random: int,
     split: str = "model_train",
     jitter: str | None = "scene",
+    n_blank: int = 0,
 ) -> Pool:
-    """Render `n_grammar` examples of `split` and `n_random` random scenes (grammar first).
+    """Render `n_grammar` examples of `split`, `n_blank` empty scenes captioned as empty
+    (`blank_example`) and `n_random` random scenes, in that order.
 
     A pure function of its arguments (seeds derived per source and index).
     """
     if jitter not in JITTER_MODES:
         raise SafediffError(f"jitter must be one of {JITTER_MODES}, got {jitter!r}")
     examples = make_split(split, n_grammar, seed=derive_seed(seed, "pool-grammar"))
+    examples += [
+        blank_example(np.random.default_rng(derive_seed(seed, "pool-blank", i)))
+        for i in range(n_blank)
+    ]
     scenes = [e.scene for e in examples]
     scenes += [
         random_scene(np.random.default_rng(derive_seed(seed, "pool-random", i)))
@@ -248,6 +254,20 @@ def make_pool(
         objects=torch.from_numpy(np.stack(objs)),
         labels=torch.from_numpy(np.stack(labels)),
         scenes=scenes,
+    )
+
+
+def concat_pools(*pools: Pool) -> Pool:
+    """One Pool holding the scenes of `pools` in order."""
+    return Pool(
+        images=torch.cat([p.images for p in pools]),
+        captions=[c for p in pools for c in p.captions],
+        metadata=[m for p in pools for m in p.metadata],
+        families=torch.cat([p.families for p in pools]),
+        counts=torch.cat([p.counts for p in pools]),
+        objects=torch.cat([p.objects for p in pools]),
+        labels=torch.cat([p.labels for p in pools]),
+        scenes=[s for p in pools for s in p.scenes],
     )
 
 
