@@ -624,6 +624,8 @@ def test_build_clip_with_blank_scenes_records_them(tmp_path, monkeypatch):
     plain = build.build_sandbox(tmp_path / "p", only=["clip"], progress=False)["clip"]
     assert plain["config"]["train"]["n_blank"] == 0 and "--clip-blanks" not in plain["command"]
     assert plain["sha256"] != entry["sha256"]
+    with pytest.raises(SafediffError, match="clip_blanks"):
+        build.build_sandbox(tmp_path / "n", only=["clip"], clip_blanks=-1, progress=False)
 
 
 @pytest.mark.slow

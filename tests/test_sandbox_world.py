@@ -389,3 +389,6 @@ def test_blank_scenes_are_empty_and_captioned_as_empty():
     assert len(both) == 12 and torch.equal(both.images[3:], pool.images)
     assert both.captions == grammar.captions + pool.captions
     assert both.scenes == grammar.scenes + pool.scenes
+    for bad in ((5, 0, 0), (5, -1, 2)):
+        with pytest.raises(SafediffError, match="at least one scene"):
+            make_pool(*bad)

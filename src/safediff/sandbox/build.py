@@ -109,6 +109,8 @@ def build_sandbox(
     clip_blanks: override BUILD_CONFIG["clip"]["n_blank"] (empty scenes in the CLIP's pool).
     Returns {name: manifest entry}.
     """
+    if clip_blanks is not None and clip_blanks < 0:
+        raise SafediffError(f"clip_blanks must be >= 0, got {clip_blanks}")
     only = list(only or MODELS)
     unknown = [m for m in only if m not in MODELS]
     if unknown:

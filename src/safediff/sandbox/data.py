@@ -221,6 +221,11 @@ def make_pool(
     """
     if jitter not in JITTER_MODES:
         raise SafediffError(f"jitter must be one of {JITTER_MODES}, got {jitter!r}")
+    if min(n_grammar, n_random, n_blank) < 0 or n_grammar + n_random + n_blank == 0:
+        raise SafediffError(
+            f"a pool needs a non-negative number of each kind of scene and at least one scene, "
+            f"got n_grammar={n_grammar}, n_blank={n_blank}, n_random={n_random}"
+        )
     examples = make_split(split, n_grammar, seed=derive_seed(seed, "pool-grammar"))
     examples += [
         blank_example(np.random.default_rng(derive_seed(seed, "pool-blank", i)))
