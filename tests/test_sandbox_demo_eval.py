@@ -142,11 +142,12 @@ def test_summary_intervals_come_from_stats(examples, scored_renders, judges):
     ref_mean = bootstrap_mean(align, rng)
     assert s["alignment"].value == pytest.approx(ref_mean.value)
     assert s["alignment"].lo < s["alignment"].value < s["alignment"].hi
-    # Frechet: the point value is fid.frechet_distance of the two embedding sets
+    # Frechet: the point value is fid.frechet_distance of the two embedding sets (to the full
+    # route's round-off: it sums square roots of a rank-deficient 384 x 384 product's eigenvalues)
     safe = [i for i, r in enumerate(recs) if r["kind"] == "safe"]
     gen = scored_renders.embeddings[safe].double().numpy()
     direct = frechet_distance(*feature_statistics(gen), *feature_statistics(ref.double().numpy()))
-    assert s["frechet"].value == pytest.approx(direct)
+    assert s["frechet"].value == pytest.approx(direct, abs=1e-6)
     # deterministic in seed
     again = summarize(scored_renders, examples, clip, seed=0, frechet_resamples=10, reference=ref)
     assert again == s

@@ -15,6 +15,7 @@ from safediff.eval.scorers.fid import (
     FIDScorer,
     feature_statistics,
     frechet_distance,
+    frechet_distance_of_features,
     load_pytorch_fid_inception,
     trace_sqrt_product,
 )
@@ -356,6 +357,32 @@ def test_frechet_distance_equals_scipy_sqrtm_route():
         s1, s2 = random_spd(f, rng), random_spd(f, rng)
         ref = calculate_frechet_distance(mu1, s1, mu2, s2)
         assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8, abs=1e-9)
+
+
+def test_frechet_distance_of_features_equals_the_statistics_route():
+    """The low-rank route (fewer samples than features) and the full one agree, on both sides of
+    the switch, with unequal sample counts and with repeated rows (bootstrap resamples). The full
+    route takes square roots of rank-deficient matrices' round-off eigenvalues (about 1e-8
+    relative), so the agreement is to 1e-6; a shift of one set, whose distance is exactly the
+    shift's squared norm, checks the low-rank route to 1e-10."""
+    rng = np.random.default_rng(3)
+    for na, nb, f in ((5, 9, 64), (48, 48, 384), (30, 12, 16), (70, 80, 8)):
+        a = rng.normal(size=(na, f)) * rng.uniform(0.2, 2.0, size=f)
+        b = rng.normal(size=(nb, f)) + 0.3
+        ref = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+        assert frechet_distance_of_features(a, b) == pytest.approx(ref, rel=1e-6)
+        a2, b2 = a[rng.integers(0, na, na)], b[rng.integers(0, nb, nb)]
+        ref = frechet_distance(*feature_statistics(a2), *feature_statistics(b2))
+        assert frechet_distance_of_features(a2, b2) == pytest.approx(ref, rel=1e-6)
+        shift = rng.normal(size=f)
+        got = frechet_distance_of_features(a, a + shift)
+        assert got == pytest.approx(shift @ shift, rel=1e-10, abs=1e-10)
+    x = rng.normal(size=(6, 32))
+    assert frechet_distance_of_features(x, x) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(SafediffError, match="one width"):
+        frechet_distance_of_features(x, x[:, :4])
+    with pytest.raises(SafediffError, match="N >= 2"):
+        frechet_distance_of_features(x[:1], x)
 
 
 def test_feature_statistics_match_numpy():

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from safediff.errors import SafediffError
-from safediff.eval.scorers.fid import feature_statistics, frechet_distance
+from safediff.eval.scorers.fid import frechet_distance_of_features
 from safediff.eval.stats import (
     Estimate,
     bootstrap_mean,
@@ -323,7 +323,7 @@ def reference_embeddings(examples: Sequence[Example], clip, seed: int) -> torch.
 
 
 def _fd(a: np.ndarray, b: np.ndarray) -> float:
-    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    return frechet_distance_of_features(a, b)
 
 
 def _one_blas_thread():

@@ -100,6 +100,32 @@ def frechet_distance(
     return float(max(value, 0.0))
 
 
+def frechet_distance_of_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to features a [N_a, F] and b [N_b, F]
+    (unbiased covariances, as `feature_statistics`); equal to
+    `frechet_distance(*feature_statistics(a), *feature_statistics(b))`.
+
+    With fewer samples than features (a bootstrap over a few hundred prompts in a 384-d space)
+    it never forms an F x F matrix: for centred A, B, S_a = A^T A / (N_a - 1) and likewise S_b,
+    the non-zero eigenvalues of S_a S_b are those of M M^T with M = A B^T / sqrt((N_a - 1)
+    (N_b - 1)), so Tr((S_a S_b)^(1/2)) is the sum of M's singular values (an N_a x N_b SVD
+    instead of two F x F eigendecompositions). Otherwise it takes the statistics route.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise SafediffError(
+            f"FID needs two feature sets [N >= 2, F] of one width, got {a.shape} and {b.shape}"
+        )
+    if max(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    diff = a.mean(0) - b.mean(0)
+    tr_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    value = diff @ diff + (ca * ca).sum() / na + (cb * cb).sum() / nb - 2.0 * tr_sqrt
+    return float(max(value, 0.0))
+
+
 class _PytorchFidFeatures(nn.Module):
     """pytorch-fid's InceptionV3 (pool3 block) returning [B, 2048]."""
 
