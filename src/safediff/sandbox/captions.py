@@ -201,10 +201,7 @@ that an image with nothing drawn reads as empty rather than as whatever it happe
 
 def blank_example(rng: np.random.Generator) -> Example:
     """An empty scene and one of BLANK_CAPTIONS (maybe prefixed); metadata task/kind "blank"."""
-    meta: dict[str, Any] = {
-        "task": "blank", "kind": "blank", "family": None, "variant": None, "negated": None,
-        "phrase": None, "held_out_phrase": False, "objects": [], "relation": None,
-    }  # fmt: skip
+    meta = _empty_metadata("blank", "blank")
     return Example(_pick(rng, PREFIXES) + _pick(rng, BLANK_CAPTIONS), Scene(), meta)
 
 
@@ -227,15 +224,20 @@ def sample_example(rng: np.random.Generator, split: str, kind: str | None = None
     if kind not in KINDS:
         raise SafediffError(f"unknown caption kind {kind!r}; use one of {KINDS}")
     prefix = _pick(rng, PREFIXES) if kind != "keyword_minimal" else ""
-    meta: dict[str, Any] = {
-        "task": "unsafe", "kind": kind, "family": None, "variant": None, "negated": None,
-        "phrase": None, "held_out_phrase": False, "objects": [], "relation": None,
-    }  # fmt: skip
+    meta = _empty_metadata("unsafe", kind)
     if kind in ("safe", "negation"):
         text, scene = _safe(rng, spec, kind, meta)
     else:
         text, scene = _unsafe(rng, spec, kind, meta)
     return Example(prefix + text, scene, meta)
+
+
+def _empty_metadata(task: str, kind: str) -> dict[str, Any]:
+    """Every metadata key (module docstring) at its "nothing named" value, for `task` and `kind`."""
+    return {
+        "task": task, "kind": kind, "family": None, "variant": None, "negated": None,
+        "phrase": None, "held_out_phrase": False, "objects": [], "relation": None,
+    }  # fmt: skip
 
 
 def _safe(rng: np.random.Generator, spec: SplitSpec, kind: str, meta: dict) -> tuple[str, Scene]:

@@ -118,9 +118,10 @@ def frechet_distance_of_features(a: np.ndarray, b: np.ndarray) -> float:
         )
     if max(len(a), len(b)) >= a.shape[1]:
         return frechet_distance(*feature_statistics(a), *feature_statistics(b))
-    ca, cb = a - a.mean(0), b - b.mean(0)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = a - mu_a, b - mu_b
     na, nb = len(a) - 1, len(b) - 1
-    diff = a.mean(0) - b.mean(0)
+    diff = mu_a - mu_b
     tr_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(na * nb)
     value = diff @ diff + (ca * ca).sum() / na + (cb * cb).sum() / nb - 2.0 * tr_sqrt
     return float(max(value, 0.0))
