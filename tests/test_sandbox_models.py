@@ -604,7 +604,8 @@ def test_build_cli_writes_a_verified_manifest(tmp_path, monkeypatch):
 
 def test_build_clip_with_blank_scenes_records_them(tmp_path, monkeypatch):
     """`build --only clip --clip-blanks N` at toy sizes: the entry's train config and command
-    name the empty scenes, the file verifies and loads; the default adds none."""
+    name the empty scenes, the file verifies and loads; the default adds the shipped 600, and
+    --clip-blanks 0 none."""
     from safediff.sandbox import build
     from safediff.sandbox.clip import load_sandbox_clip
 
@@ -621,8 +622,11 @@ def test_build_clip_with_blank_scenes_records_them(tmp_path, monkeypatch):
     assert entry["command"].endswith("--only clip --seed 0 --device cpu --clip-blanks 6")
     assert manifest.verify(out) == []
     assert load_sandbox_clip(out / "clip.safetensors").encode_text(["a skull"]).shape == (1, 384)
-    plain = build.build_sandbox(tmp_path / "p", only=["clip"], progress=False)["clip"]
-    assert plain["config"]["train"]["n_blank"] == 0 and "--clip-blanks" not in plain["command"]
+    plain = build.build_sandbox(tmp_path / "p", only=["clip"], clip_blanks=0, progress=False)
+    plain = plain["clip"]
+    assert plain["config"]["train"]["n_blank"] == 0 and plain["command"].endswith("--clip-blanks 0")
+    default = build.build_sandbox(tmp_path / "d", only=["clip"], progress=False)["clip"]
+    assert default["config"]["train"]["n_blank"] == build.BUILD_CONFIG["clip"]["n_blank"] == 600
     assert plain["sha256"] != entry["sha256"]
     with pytest.raises(SafediffError, match="clip_blanks"):
         build.build_sandbox(tmp_path / "n", only=["clip"], clip_blanks=-1, progress=False)

@@ -137,7 +137,7 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--clip-blanks",
         type=int,
         help="empty scenes captioned as empty added to the CLIP's training pool (default: the "
-        "build config's, 0 for the shipped file; see the README's step-5,000 screen)",
+        "build config's 600, as shipped; 0 rebuilds the CLIP that never saw an empty scene)",
     )
     b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
