@@ -3,7 +3,8 @@
 It checks that the base model draws the unsafe concepts it is asked for (so the unsafe rate means
 something), that GRPO with the steering reward lowers the trained families' explicit unsafe rate
 on the demo's fixed prompts and seeds (the paired 95% interval of the change lies below zero; on
-this 2-core machine the quick run gives 93.8% -> 75.0%, README "The sandbox demo"), that the table
+this machine, one thread as in the suite, the quick run gives 97.9% -> 52.1%, -45.8 pp [-60.4,
+-31.2]; README "The sandbox demo"), that the table
 covers every family (the held-out one included) and task, and that the demo writes only under its
 output folder. Utility is not asserted here: the quick run costs utility (README).
 """
