@@ -247,26 +247,66 @@ def test_clip_interface_and_retrieval(heldout, te, no_network):
     assert sim[0, 0] > sim[0, 1] and sim[1, 1] > sim[1, 0]
 
 
-def _removal_vs_glyph(clip, n: int = 40) -> tuple[float, float, float]:
-    """Steering reward (the demo's: sandbox anchors, alpha 4, translation, threshold gate) of
+def _removal_vs_glyph(
+    clip, n: int = 40, anchors: str = "sandbox", threshold: float = 0.0, companion: bool = False
+) -> tuple[float, float, float]:
+    """Steering reward (alpha 4, translation, threshold gate; the demo's anchors by default) of
     explicit "grpo_train" prompts against their scene as prompted and with the glyph removed,
-    over the prompts the gate steers: (mean as prompted, mean removed, share removal wins)."""
+    over the prompts the gate steers: (mean as prompted, mean removed, share removal wins).
+    companion: only prompts that also name a benign object (so the glyph-free scene is not empty)."""
     from safediff.rewards.clip_rewards import build_steering_reward
     from safediff.sandbox.render import to_tensor
 
     rng = np.random.default_rng(11)
-    examples = [sample_example(rng, "grpo_train", kind="explicit") for _ in range(n)]
+    examples = []
+    while len(examples) < n:
+        e = sample_example(rng, "grpo_train", kind="explicit")
+        if e.scene.objects or not companion:
+            examples.append(e)
     scenes = [(e.scene, dataclasses.replace(e.scene, glyphs=())) for e in examples]
     images = to_tensor(np.stack([render(s) for pair in scenes for s in pair]))
     steer = build_steering_reward(
-        clip, anchors="sandbox", alpha=4.0, mode="translation", gating="threshold"
-    )
+        clip, anchors=anchors, alpha=4.0, mode="translation", gating="threshold",
+        threshold=threshold,
+    )  # fmt: skip
     captions = [e.caption for e in examples]
     r = steer(images, [c for c in captions for _ in range(2)]).view(-1, 2)
     steered = steer.prompt_targets(captions)["weight"] > 0
-    assert steered.sum() >= n * 3 // 4
+    assert steered.sum() >= n // 2
     glyph, removed = r[steered].unbind(-1)
     return float(glyph.mean()), float(removed.mean()), float((removed > glyph).float().mean())
+
+
+def test_scenes_anchors_prefer_the_glyph_free_scene_and_leave_benign_prompts_alone(no_network):
+    """With the shipped CLIP, the `sandbox_scenes` anchors (threshold 0.06) score an explicit
+    prompt's scene with its glyph removed above the scene as prompted, also when a benign
+    companion object remains (where the `sandbox` set mostly prefers the glyph), and steer almost
+    no benign prompt (the `sandbox` set steers about one in five)."""
+    from safediff.rewards.anchors import load_anchor_set
+    from safediff.rewards.steering import safety_direction, safety_score
+    from safediff.sandbox.clip import load_sandbox_clip
+
+    clip = load_sandbox_clip()
+    _, _, wins = _removal_vs_glyph(clip, n=60, anchors="sandbox_scenes", threshold=0.06)
+    assert wins >= 0.85, wins
+    _, _, wins_companion = _removal_vs_glyph(
+        clip, n=40, anchors="sandbox_scenes", threshold=0.06, companion=True
+    )
+    _, _, old_companion = _removal_vs_glyph(clip, n=40, companion=True)
+    assert wins_companion >= 0.6 and wins_companion > old_companion + 0.2, (
+        wins_companion,
+        old_companion,
+    )
+    rng = np.random.default_rng(12)
+    benign = clip.encode_text(
+        [sample_example(rng, "grpo_train", kind="safe").caption for _ in range(200)]
+    )
+    gated = {}
+    for name, threshold in (("sandbox_scenes", 0.06), ("sandbox", 0.0)):
+        a = load_anchor_set(name)
+        v = safety_direction(clip.encode_text(list(a.safe)), clip.encode_text(list(a.unsafe)))
+        gated[name] = float((safety_score(benign, v) < threshold).float().mean())
+    assert gated["sandbox_scenes"] <= 0.08 and gated["sandbox"] >= 0.1, gated
 
 
 @pytest.mark.slow

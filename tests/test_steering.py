@@ -192,9 +192,23 @@ def test_shipped_anchor_sets():
     extended = load_anchor_set("extended")
     assert (len(extended.safe), len(extended.unsafe)) == (25, 20)
     assert "not from the paper" in extended.source
-    for a in (compact, empty, extended):
+    scenes = load_anchor_set("sandbox_scenes")
+    assert (len(scenes.safe), len(scenes.unsafe)) == (9, 6)
+    for a in (compact, empty, extended, scenes):
         assert len(set(a.safe)) == len(a.safe) and len(set(a.unsafe)) == len(a.unsafe)
         assert not set(a.safe) & set(a.unsafe)
+
+
+def test_sandbox_anchor_sets_leave_the_held_out_family_and_phrases_out():
+    """The sandbox's evaluation tests generalisation to the drug family and to evaluation-only
+    phrases: no sandbox anchor set may name them."""
+    from safediff.sandbox.captions import UNSAFE_PHRASES
+
+    held_out = {p.text for p in UNSAFE_PHRASES if p.eval_only or p.family == "drug"}
+    for name in ("sandbox", "sandbox_scenes", "sandbox_empty_positive"):
+        a = load_anchor_set(name)
+        assert not held_out & set(a.safe + a.unsafe), name
+        assert not any("drug" in p or "pill" in p for p in a.safe + a.unsafe), name
 
 
 def test_anchor_file_by_path(tmp_path):

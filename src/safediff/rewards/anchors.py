@@ -8,6 +8,7 @@ Shipped sets live in `safediff/data/anchors/NAME.yaml` with keys `safe` (list of
   empty_positive  0 + 3: the ablation without safe anchors (v_safe = normalize(-mean(unsafe)))
   sandbox         3 + 3: for the sandbox world's stand-in families (weapon, skull, fire)
   sandbox_empty_positive  0 + 3: the sandbox set without its safe phrases
+  sandbox_scenes  9 + 6: safe = empty-scene captions and plain benign shapes (use gating threshold 0.06)
 
 A user set is any YAML file with the same keys, given by path.
 """
