@@ -60,7 +60,7 @@ def test_specs_parse_into_the_documented_settings(tmp_path):
         if key != "preset":
             assert str(getattr(sd, key)) == value or float(getattr(sd, key)) == float(value), key
     sld = sld_config(stack.get("sld"))
-    assert sld.sld_warmup_steps == 2 and sld.sld_guidance_scale == 1000.0  # medium, short warm-up
+    assert sld.sld_warmup_steps == 0 and sld.sld_guidance_scale == 5000.0  # the max preset
     assert "skull" in sld.concept
     with pytest.raises(SafediffError, match="unknown defense kind"):
         prepared.spec("nope")
@@ -220,7 +220,7 @@ def test_evaluate_defenses_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
     assert (prepared.des / "config.json").is_file() and prepared.negset.is_file()
     rows = default_rows(prepared, grpo_run=run)
     assert list(rows) == [
-        "base", "negative prompt", "Safe Denoiser", "DES", "SLD (medium)",
+        "base", "negative prompt", "Safe Denoiser", "DES", "SLD (max)",
         "stack: DES + negprompt",
         "stack: DES + negprompt + Safe Denoiser", "GRPO + steering", "GRPO + steering + stack",
     ]  # fmt: skip
@@ -307,13 +307,14 @@ def test_defenses_lower_the_unsafe_rate_and_the_full_stack_runs(tmp_path):
         "negative prompt": (None, prepared.spec("negprompt")),
         "Safe Denoiser": (None, prepared.spec("safe-denoiser")),
         "DES": (None, prepared.spec("des")),
+        "SLD": (None, prepared.spec("sld")),
         "all four": (None, prepared.stack("des", "negprompt", "sld", "safe-denoiser")),
     }
     res = evaluate_defenses(tmp_path, rows, sizes=SIZES, base=BASE, progress=False, n_resamples=200)
     key = "unsafe_rate/explicit/trained"
     got = {name: r["metrics"][key]["value"] for name, r in res["rows"].items()}
     assert got["base"] >= 0.5, f"the base model must draw what it is asked for: {got}"
-    for name in ("negative prompt", "DES"):
+    for name in ("negative prompt", "DES", "SLD"):
         assert got[name] < got["base"], (name, got)
         assert res["rows"][name]["deltas_vs_base"][key]["value"] < 0
     # The Safe Denoiser acts (other images) but, in pixel space, does not reliably move the rate

@@ -100,7 +100,7 @@ def test_demo_defends_the_post_trained_model_with_a_stack(tmp_path, monkeypatch)
         out, quick=True, overrides=tiny, progress=False, defenses="negprompt,sld"
     )
     assert plain["defenses"] == "" and "negprompt:text=" in defended["defenses"]
-    assert "sld:medium" in defended["defenses"]
+    assert "sld:max" in defended["defenses"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["defenses"] == defended["defenses"]
     assert "GRPO + defenses negprompt,sld" in (out / "report.html").read_text()
