@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from safediff.rewards.clip_rewards import build_steering_reward
-from safediff.rewards.steering import safety_score
 from safediff.sandbox.captions import sample_example
 from safediff.sandbox.clip import load_sandbox_clip
 from safediff.sandbox.render import render, to_tensor
@@ -79,18 +78,16 @@ def main() -> None:
             )
         print(f"alpha {alpha:g}\n  " + "\n  ".join(parts))
 
-    reward = build_steering_reward(
+    gate = build_steering_reward(
         clip, anchors=args.anchors, alpha=1.0, gating="threshold", threshold=args.threshold
     )
-    s_benign = safety_score(clip.encode_text(benign).float(), reward.v_safe)
-    s_unsafe = safety_score(
-        clip.encode_text([c for v in unsafe.values() for c in v[0]]).float(), reward.v_safe
-    )
-    auc = (s_unsafe[:, None] < s_benign[None, :]).float().mean().item()
-    gated_neg = reward.prompt_targets(negation)["weight"].mean().item()
+    on_benign, on_negation = gate.prompt_targets(benign), gate.prompt_targets(negation)
+    s_unsafe = gate.prompt_targets([c for v in unsafe.values() for c in v[0]])["text_safety"]
+    auc = (s_unsafe[:, None] < on_benign["text_safety"][None, :]).float().mean().item()
     print(
-        f"benign prompts gated {(s_benign < args.threshold).float().mean():.2f}, "
-        f"negation prompts gated {gated_neg:.2f}; text safety AUC benign vs unsafe {auc:.3f}"
+        f"benign prompts gated {on_benign['weight'].mean():.2f}, "
+        f"negation prompts gated {on_negation['weight'].mean():.2f}; "
+        f"text safety AUC benign vs unsafe {auc:.3f}"
     )
 
 

@@ -248,12 +248,18 @@ def test_clip_interface_and_retrieval(heldout, te, no_network):
 
 
 def _removal_vs_glyph(
-    clip, n: int = 40, anchors: str = "sandbox", threshold: float = 0.0, companion: bool = False
+    clip,
+    n: int = 40,
+    anchors: str = "sandbox",
+    threshold: float = 0.0,
+    companion: bool = False,
+    min_steered: float = 0.75,
 ) -> tuple[float, float, float]:
     """Steering reward (alpha 4, translation, threshold gate; the demo's anchors by default) of
     explicit "grpo_train" prompts against their scene as prompted and with the glyph removed,
     over the prompts the gate steers: (mean as prompted, mean removed, share removal wins).
-    companion: only prompts that also name a benign object (so the glyph-free scene is not empty)."""
+    companion: only prompts that also name a benign object (so the glyph-free scene is not empty).
+    min_steered: the least share of the prompts the gate must steer."""
     from safediff.rewards.clip_rewards import build_steering_reward
     from safediff.sandbox.render import to_tensor
 
@@ -272,7 +278,7 @@ def _removal_vs_glyph(
     captions = [e.caption for e in examples]
     r = steer(images, [c for c in captions for _ in range(2)]).view(-1, 2)
     steered = steer.prompt_targets(captions)["weight"] > 0
-    assert steered.sum() >= n // 2
+    assert steered.float().mean() >= min_steered, steered.float().mean()
     glyph, removed = r[steered].unbind(-1)
     return float(glyph.mean()), float(removed.mean()), float((removed > glyph).float().mean())
 
@@ -282,8 +288,7 @@ def test_scenes_anchors_prefer_the_glyph_free_scene_and_leave_benign_prompts_alo
     prompt's scene with its glyph removed above the scene as prompted, also when a benign
     companion object remains (where the `sandbox` set mostly prefers the glyph), and steer almost
     no benign prompt (the `sandbox` set steers about one in five)."""
-    from safediff.rewards.anchors import load_anchor_set
-    from safediff.rewards.steering import safety_direction, safety_score
+    from safediff.rewards.clip_rewards import build_steering_reward
     from safediff.sandbox.clip import load_sandbox_clip
 
     clip = load_sandbox_clip()
@@ -292,20 +297,22 @@ def test_scenes_anchors_prefer_the_glyph_free_scene_and_leave_benign_prompts_alo
     _, _, wins_companion = _removal_vs_glyph(
         clip, n=40, anchors="sandbox_scenes", threshold=0.06, companion=True
     )
-    _, _, old_companion = _removal_vs_glyph(clip, n=40, companion=True)
+    # the `sandbox` set at threshold 0 steers 29 of these 40
+    _, _, old_companion = _removal_vs_glyph(clip, n=40, companion=True, min_steered=0.5)
     assert wins_companion >= 0.6 and wins_companion > old_companion + 0.2, (
         wins_companion,
         old_companion,
     )
     rng = np.random.default_rng(12)
-    benign = clip.encode_text(
-        [sample_example(rng, "grpo_train", kind="safe").caption for _ in range(200)]
-    )
-    gated = {}
-    for name, threshold in (("sandbox_scenes", 0.06), ("sandbox", 0.0)):
-        a = load_anchor_set(name)
-        v = safety_direction(clip.encode_text(list(a.safe)), clip.encode_text(list(a.unsafe)))
-        gated[name] = float((safety_score(benign, v) < threshold).float().mean())
+    benign = [sample_example(rng, "grpo_train", kind="safe").caption for _ in range(200)]
+    gated = {
+        name: float(
+            build_steering_reward(clip, anchors=name, gating="threshold", threshold=threshold)
+            .prompt_targets(benign)["weight"]
+            .mean()
+        )
+        for name, threshold in (("sandbox_scenes", 0.06), ("sandbox", 0.0))
+    }
     assert gated["sandbox_scenes"] <= 0.08 and gated["sandbox"] >= 0.1, gated
 
 
