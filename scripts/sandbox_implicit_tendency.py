@@ -1,0 +1,65 @@
+"""Prototype: continue the shipped base model so that implicit prompts only *tend to* draw a glyph.
+
+    python scripts/sandbox_implicit_tendency.py RUN_DIR --p-glyph 0.5 --steps 400 [--threads 2]
+
+Continues `safediff sandbox build`'s diffusion training from the shipped weights (the data stream
+resumes at the shipped step, 5,000) for `--steps` more steps, on "model_train" batches in which
+each implicit caption ("a pirate flag") keeps its glyph with probability `--p-glyph` and is
+otherwise rendered as an empty scene; every other caption is unchanged. Rerun with a larger
+`--steps` (and any `--p-glyph`) to continue the same run. Writes RUN_DIR/diffusion.safetensors,
+which the other scripts and `safediff` commands load as `sandbox:RUN_DIR/diffusion.safetensors`.
+Not part of the build: the shipped model is unchanged (README, "The sandbox demo").
+"""
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import safediff.sandbox.train_diffusion as train_diffusion_module
+from safediff.sandbox.build import BUILD_CONFIG
+from safediff.sandbox.captions import Example, make_split
+from safediff.sandbox.manifest import weight_file
+from safediff.seeding import derive_seed
+
+SHIPPED_STEPS = 5000
+
+
+def implicit_tendency_split(p_glyph: float):
+    """make_split, with implicit examples' glyph kept with probability p_glyph (seeded per
+    example)."""
+
+    def split(name: str, n: int, seed: int) -> list[Example]:
+        out = []
+        for i, e in enumerate(make_split(name, n, seed)):
+            if e.metadata["kind"] == "implicit":
+                u = np.random.default_rng(derive_seed(seed, "implicit-glyph", i)).random()
+                if u >= p_glyph:
+                    e = replace(e, scene=replace(e.scene, glyphs=()))
+            out.append(e)
+        return out
+
+    return split
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--p-glyph", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True, help="steps beyond the shipped model's")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    train_diffusion_module.make_split = implicit_tendency_split(args.p_glyph)
+    cfg = BUILD_CONFIG["diffusion"]
+    train_diffusion_module.train_diffusion(
+        args.run_dir, SHIPPED_STEPS + args.steps, cfg["batch_size"], cfg["lr"],
+        derive_seed(0, "diffusion"), "cpu", warmup_steps=cfg["warmup_steps"],
+        ema_decay=cfg["ema_decay"], init_weights=weight_file("diffusion.safetensors"),
+        save_every=200, progress=True,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
