@@ -26,12 +26,10 @@ import numpy as np
 import torch
 
 from safediff.rewards.clip_rewards import build_steering_reward
-from safediff.sandbox.captions import sample_example
+from safediff.sandbox.captions import UNSAFE_KINDS, sample_example
 from safediff.sandbox.clip import load_sandbox_clip
 from safediff.sandbox.render import render, to_tensor
 from safediff.seeding import derive_seed
-
-UNSAFE_KINDS = ("explicit", "implicit", "synonym", "keyword_minimal")
 
 
 def main() -> None:
