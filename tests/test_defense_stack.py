@@ -57,6 +57,13 @@ def test_options_and_presets_are_checked(model: T2IModel, tmp_path) -> None:
     assert hook.cfg.update == "paper" and hook.cfg.scale == 0.5 and hook.cfg.t_min == 10
     _, kw = apply_defenses(model, f"safe-denoiser:{path};gate_threshold=2e-3")
     assert kw["guidance"][0].gate_threshold == pytest.approx(2e-3)
+    ref = NegationSet.from_tensor(torch.randn(3, 4, 8, 8)).save(tmp_path / "ref.safetensors")
+    _, kw = apply_defenses(model, f"safe-denoiser:{path};gate=odds;reference={ref};prior_odds=0.01")
+    (hook,) = kw["guidance"]
+    assert hook.cfg.gate == "odds" and hook.cfg.prior_odds == 0.01
+    torch.testing.assert_close(hook.reference.samples, NegationSet.load(ref).samples)
+    with pytest.raises(SafediffError, match="reference set"):
+        apply_defenses(model, f"safe-denoiser:{path};gate=odds")
     _, kw = apply_defenses(model, "sld:strong;sld_threshold=0.02;sld_warmup_steps=3")
     assert (
         kw["guidance"][0].cfg.sld_threshold == 0.02 and kw["guidance"][0].cfg.sld_warmup_steps == 3

@@ -16,6 +16,8 @@ from safediff.defenses.safe_denoiser import (
     encode_images,
     kernel_log_weights,
     load_image,
+    log_posterior_odds,
+    odds_beta,
     safe_clean_estimate,
     unsafe_posterior_mean,
 )
@@ -71,6 +73,70 @@ def direct(x: torch.Tensor, y: torch.Tensor, h: float, distance: str):
     k = torch.exp(-d / (2 * h**2))  # [B, N]
     e_unsafe = (k[:, :, None] * y[None]).sum(1) / k.sum(1, keepdim=True)  # [B, N, D] -> [B, D]
     return k, e_unsafe, k.sum(1)
+
+
+@pytest.mark.parametrize("distance", ["l2", "sq_l2"])
+def test_posterior_odds_equal_direct_density_ratio(distance: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 12, generator=g)
+    u, s = torch.randn(6, 12, generator=g) + 0.4, torch.randn(9, 12, generator=g) - 0.2
+    h = 1.5 if distance == "l2" else 2.5
+    k_u, e_ref, _ = direct(x, u, h, distance)
+    k_s, _, _ = direct(x, s, h, distance)
+    want = math.log(0.2) + torch.log(k_u.mean(1)) - torch.log(k_s.mean(1))  # means: sizes differ
+    log_odds, e_unsafe = log_posterior_odds(x, u, s, h, distance, prior_odds=0.2)
+    torch.testing.assert_close(log_odds.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e_unsafe.double(), e_ref, rtol=1e-5, atol=1e-6)
+    # precomputed norms give the same
+    again, _ = log_posterior_odds(x, u, s, h, distance, 0.2, (u * u).sum(1), (s * s).sum(1))
+    torch.testing.assert_close(again, log_odds)
+
+
+def test_odds_beta_is_the_capped_ratio_without_overflow() -> None:
+    log_odds = torch.tensor([-3.0, 0.0, math.log(2.5), 1e4, -1e4])
+    torch.testing.assert_close(
+        odds_beta(log_odds, 2.0), torch.tensor([math.exp(-3.0), 1.0, 2.0, 2.0, 0.0])
+    )
+    assert torch.equal(odds_beta(log_odds, 0.0), torch.zeros(5))
+
+
+def test_odds_gate_acts_by_the_density_ratio() -> None:
+    g = torch.Generator().manual_seed(2)
+    unsafe = torch.randn(12, 3, 4, 4, generator=g) + 1.0
+    safe = torch.randn(12, 3, 4, 4, generator=g) - 1.0
+    x0 = torch.stack([unsafe[0] + 0.01, safe[0] + 0.01, unsafe[1]])
+    t = torch.tensor([500, 500, 100])  # the third row is outside the window
+    cfg = SafeDenoiserConfig(
+        gate="odds", bandwidth=1.0, distance="sq_l2", scale=2.0, prior_odds=1.0,
+        update="paper", t_min=200, t_max=800,
+    )  # fmt: skip
+    hook = SafeDenoiser(unsafe, cfg, reference=safe)
+    x0_safe, active, log_odds = hook.correct(x0, t)
+    assert active[0] and not active[2]  # row 1: active where its beta did not underflow to 0
+    assert log_odds[0] > math.log(2.0) and log_odds[1] < -5 and log_odds[2] == -math.inf
+    want_odds, e_u = log_posterior_odds(
+        x0.flatten(1), unsafe.flatten(1), safe.flatten(1), 1.0, "sq_l2"
+    )
+    torch.testing.assert_close(log_odds[:2], want_odds[:2])
+    beta = odds_beta(want_odds[:2], 2.0)
+    assert beta[0] == 2.0 and beta[1] < 1e-2  # near unsafe: the cap; near safe: almost nothing
+    assert bool(active[1]) == bool(beta[1] > 0)
+    want = x0[:2] + beta.reshape(2, 1, 1, 1) * (x0[:2] - e_u[:2].reshape(2, 3, 4, 4))
+    torch.testing.assert_close(x0_safe[:2], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x0_safe[2], x0[2])
+
+
+def test_odds_gate_needs_a_matching_reference_set() -> None:
+    y = torch.randn(4, 3, 4, 4)
+    with pytest.raises(SafediffError, match="reference set"):
+        SafeDenoiser(y, SafeDenoiserConfig(gate="odds"))
+    with pytest.raises(SafediffError, match="reference set"):
+        SafeDenoiser(y, SafeDenoiserConfig(), reference=y)
+    with pytest.raises(SafediffError, match="reference samples have shape"):
+        SafeDenoiser(y, SafeDenoiserConfig(gate="odds"), reference=torch.randn(4, 3, 5, 5))
+    for bad in ({"gate": "maybe"}, {"prior_odds": 0.0}):
+        with pytest.raises(SafediffError, match="invalid Safe Denoiser config"):
+            SafeDenoiserConfig(**bad)
 
 
 @pytest.mark.parametrize("distance", ["l2", "sq_l2"])

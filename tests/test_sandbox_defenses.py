@@ -12,7 +12,12 @@ import yaml
 
 from safediff.config import ModelConfig
 from safediff.defenses.safe_denoiser import NegationSet
-from safediff.defenses.stack import DefenseStack, safe_denoiser_config, sld_config
+from safediff.defenses.stack import (
+    DefenseStack,
+    safe_denoiser_config,
+    safe_denoiser_files,
+    sld_config,
+)
 from safediff.errors import SafediffError
 from safediff.sandbox.captions import FAMILIES, HELD_OUT_FAMILY, UNSAFE_KINDS, make_split
 from safediff.sandbox.defense_eval import (
@@ -26,6 +31,8 @@ from safediff.sandbox.defense_eval import (
     negation_renders,
     prepare_defenses,
     prepare_negset,
+    prepare_reference,
+    reference_renders,
     resolve_model,
     slug,
 )
@@ -50,11 +57,19 @@ TRAINED = [f for f in FAMILIES if f != HELD_OUT_FAMILY]
 
 
 def test_specs_parse_into_the_documented_settings(tmp_path):
-    prepared = PreparedDefenses(des=tmp_path / "des", negset=tmp_path / "n.safetensors")
+    prepared = PreparedDefenses(
+        des=tmp_path / "des",
+        negset=tmp_path / "n.safetensors",
+        reference=tmp_path / "r.safetensors",
+    )
     stack = DefenseStack.parse(prepared.stack("safe-denoiser", "sld", "des", "negprompt"))
     assert [s.kind for s in stack.specs] == ["des", "negprompt", "sld", "safe-denoiser"]
     assert stack.get("des").arg == str(tmp_path / "des")
     assert stack.get("negprompt").arg == f"text={NEGATIVE_PROMPT}"
+    assert safe_denoiser_files(stack.get("safe-denoiser")) == [
+        str(tmp_path / "n.safetensors"),
+        str(tmp_path / "r.safetensors"),
+    ]
     sd = safe_denoiser_config(stack.get("safe-denoiser"))
     for key, value in SAFE_DENOISER_OPTIONS.items():
         if key != "preset":
@@ -88,8 +103,9 @@ def test_sandbox_defense_stack_prepares_only_the_named_kinds(tmp_path, monkeypat
     assert trained == [out / "defenses" / "des"]
     assert stack.get("des").arg == str((out / "defenses" / "des").resolve())
     assert stack.get("sld").arg == "strong" and not stack.get("sld").options  # passed as given
-    negset = Path(stack.get("safe-denoiser").arg)
+    negset, reference = map(Path, safe_denoiser_files(stack.get("safe-denoiser")))
     assert negset.is_file() and negset.parent == (out / "defenses").resolve()
+    assert reference.is_file() and reference.parent == negset.parent
 
     trained.clear()
     with pytest.raises(SafediffError, match="unknown defense kind"):
@@ -127,6 +143,17 @@ def test_negation_renders_show_trained_glyphs_and_are_cached(tmp_path):
     path = prepare_negset(tmp_path, 64, seed=1)
     stamp = path.stat().st_mtime_ns
     assert prepare_negset(tmp_path, 64, seed=1) == path and path.stat().st_mtime_ns == stamp
+    assert torch.equal(NegationSet.load(path).samples, x)
+
+
+def test_reference_renders_are_benign_scenes_and_cached(tmp_path):
+    x = reference_renders(64, seed=1)
+    assert x.shape == (64, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, reference_renders(64, seed=1))
+    assert not torch.equal(x, negation_renders(64, seed=1))
+    assert not bool(load_detector().detect((x + 1) / 2).any())  # no glyph in any of them
+    path = prepare_reference(tmp_path, 64, seed=1)
+    assert path != prepare_negset(tmp_path, 64, seed=1)
     assert torch.equal(NegationSet.load(path).samples, x)
 
 
@@ -314,14 +341,9 @@ def test_defenses_lower_the_unsafe_rate_and_the_full_stack_runs(tmp_path):
     key = "unsafe_rate/explicit/trained"
     got = {name: r["metrics"][key]["value"] for name, r in res["rows"].items()}
     assert got["base"] >= 0.5, f"the base model must draw what it is asked for: {got}"
-    for name in ("negative prompt", "DES", "SLD"):
+    for name in ("negative prompt", "Safe Denoiser", "DES", "SLD"):
         assert got[name] < got["base"], (name, got)
         assert res["rows"][name]["deltas_vs_base"][key]["value"] < 0
-    # The Safe Denoiser acts (other images) but, in pixel space, does not reliably move the rate
-    # either way (+-1-3 of these 24 images from one checkpoint to the next; see defense_eval's
-    # docstring), so only its effect on the images is asserted.
-    sd, base = (tmp_path / "rows" / n / "embeddings.safetensors" for n in ("safe-denoiser", "base"))
-    assert sd.read_bytes() != base.read_bytes()
     assert got["all four"] < got["base"], got
     assert np.isfinite(res["rows"]["all four"]["metrics"]["utility/overall"]["value"])
     assert (tmp_path / "defenses.md").is_file() and (tmp_path / "defenses.json").is_file()

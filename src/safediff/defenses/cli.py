@@ -81,7 +81,12 @@ def add_negset_parser(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build", help="encode unsafe images into VAE latents, cached by a hash of the inputs"
     )
-    p.add_argument("--images", required=True, help="folder of unsafe images (png/jpg/webp/bmp)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="folder of unsafe images (png/jpg/webp/bmp); of safe ones for a "
+        "reference set (the spec's reference=FILE, gate=odds)",
+    )
     p.add_argument("--model", default="tiny-sd", help="base model whose VAE encodes the images")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: model's)")
     p.add_argument("--cache-dir", default="negsets", help="where negset-<hash>.safetensors goes")

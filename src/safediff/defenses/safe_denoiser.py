@@ -30,6 +30,16 @@ m > tau - margin and t lies in the window [t_min, t_max], else 0. Two update for
     update="released": x0_safe = x0_hat - beta E_unsafe                 (the reference code's,
                        as ported by third parties: drops the (1 + beta) x0_hat factor)
 
+The switch looks at the unsafe set alone. Where that mass does not tell unsafe estimates from
+safe ones (the sandbox's pixel space: AUC 0.5-0.7), gate "odds" estimates beta* itself, as the
+theory defines it, from a reference set {s_j}, j = 1..M, of safe samples in the same space:
+
+    beta = min(prior_odds * p_unsafe(x0_hat) / p_safe(x0_hat), scale),
+    p_unsafe = mean_i k(x0_hat, y_i),  p_safe = mean_j k(x0_hat, s_j)   (same kernel),
+
+so beta grows with how much closer the estimate is to unsafe samples than to safe ones, and
+`scale` caps it.
+
 The preset "nudity" is the reference's SD 1.4 setting: h = 3.15, scale = 0.33, margin = 1.6,
 t in [780, 1000] (11 of 50 DDIM steps), unsquared distance, released update. tau is a value the
 reference stores with its negation set; its derivation is not in the public code we could read,
@@ -42,8 +52,8 @@ its log-prob is that of the corrected mean (see safediff.sampling.rollout).
 
 Cost: distances come from one matrix product, ||x||^2 + ||y||^2 - 2 x y^T ([B, N]), weights from a
 log-sum-exp, E_unsafe from a second product w Y ([B, D]); nothing of size B x N x D is built (the
-reference builds one, which is what makes it slow, not the method). Rows outside the window cost
-nothing.
+reference builds one, which is what makes it slow, not the method); gate "odds" adds one product
+with the reference set ([B, M]). Rows outside the window cost nothing.
 """
 
 import hashlib
@@ -62,6 +72,7 @@ from safediff.sampling.rollout import GuidanceStep
 
 DISTANCES = ("l2", "sq_l2")
 UPDATES = ("released", "paper")
+GATES = ("mass", "odds")
 NEGSET_KEY = "samples"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -86,6 +97,12 @@ class SafeDenoiserConfig:
     """'l2': d = ||x - y|| (reference code); 'sq_l2': d = ||x - y||^2 (Gaussian kernel)."""
     update: str = "released"
     """'released': x0 - beta E_unsafe (reference code); 'paper': x0 + beta (x0 - E_unsafe)."""
+    gate: str = "mass"
+    """'mass': beta = scale where the kernel mass passes the gate (reference code); 'odds':
+    beta = min(prior_odds p_unsafe(x0) / p_safe(x0), scale), the paper's beta* with kernel density
+    estimates over the negation set and a reference set of safe samples (which it then needs)."""
+    prior_odds: float = 1.0
+    """a / (1 - a), the prior odds of "unsafe" in the 'odds' gate."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +111,8 @@ class SafeDenoiserConfig:
             (self.t_min <= self.t_max, "t_min must be <= t_max"),
             (self.distance in DISTANCES, f"distance must be one of {DISTANCES}"),
             (self.update in UPDATES, f"update must be one of {UPDATES}"),
+            (self.gate in GATES, f"gate must be one of {GATES}"),
+            (self.prior_odds > 0, "prior_odds must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,6 +163,35 @@ def unsafe_posterior_mean(
     log_mass = torch.logsumexp(log_k, dim=1)  # [B]
     weights = torch.softmax(log_k, dim=1)  # [B, N]
     return weights @ y.float(), log_mass  # [B, D], [B]
+
+
+def log_posterior_odds(
+    x: Tensor,
+    y_unsafe: Tensor,
+    y_safe: Tensor,
+    bandwidth: float,
+    distance: str = "l2",
+    prior_odds: float = 1.0,
+    unsafe_sq_norms: Tensor | None = None,
+    safe_sq_norms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log beta*(x_b) = log prior_odds + log p_unsafe(x_b) - log p_safe(x_b), and E_unsafe(x_b).
+
+    p_unsafe and p_safe are kernel density estimates with the same kernel over y_unsafe [N, D]
+    and y_safe [M, D]: p(x) = mean_i k(x, y_i) (the kernel's normaliser cancels in the ratio).
+    Returns the log odds [B] and E_unsafe [B, D] (as `unsafe_posterior_mean`), float32.
+    """
+    log_ku = kernel_log_weights(x, y_unsafe, bandwidth, distance, unsafe_sq_norms)  # [B, N]
+    log_ks = kernel_log_weights(x, y_safe, bandwidth, distance, safe_sq_norms)  # [B, M]
+    log_pu = torch.logsumexp(log_ku, dim=1) - math.log(y_unsafe.shape[0])
+    log_ps = torch.logsumexp(log_ks, dim=1) - math.log(y_safe.shape[0])
+    e_unsafe = torch.softmax(log_ku, dim=1) @ y_unsafe.float()
+    return math.log(prior_odds) + log_pu - log_ps, e_unsafe
+
+
+def odds_beta(log_odds: Tensor, cap: float) -> Tensor:
+    """beta = min(exp(log_odds), cap), computed without overflow, [B]."""
+    return log_odds.clamp(max=math.log(cap)).exp() if cap > 0 else torch.zeros_like(log_odds)
 
 
 def safe_clean_estimate(x0: Tensor, e_unsafe: Tensor, beta: Tensor, update: str) -> Tensor:
@@ -359,7 +407,9 @@ class SafeDenoiser:
     """The Safe Denoiser as a sampler guidance hook (stateless; see the module docstring).
 
     negset: a `NegationSet` (or a tensor [N, C, h, w]) in the model's x0 space; cfg: the settings;
-    device: where the negation set lives (that of the latents; moved lazily otherwise).
+    device: where the negation set lives (that of the latents; moved lazily otherwise);
+    reference: safe samples in the same space (a `NegationSet` file holds them as well), needed by
+    gate "odds" only.
     """
 
     name = "safe-denoiser"
@@ -369,16 +419,38 @@ class SafeDenoiser:
         negset: NegationSet | Tensor,
         cfg: SafeDenoiserConfig | None = None,
         device: torch.device | str | None = None,
+        reference: NegationSet | Tensor | None = None,
     ) -> None:
         if isinstance(negset, Tensor):
             negset = NegationSet.from_tensor(negset)
+        if isinstance(reference, Tensor):
+            reference = NegationSet.from_tensor(reference)
         self.cfg = cfg or SafeDenoiserConfig()
+        if (self.cfg.gate == "odds") != (reference is not None):
+            raise SafediffError(
+                "the Safe Denoiser's 'odds' gate needs a reference set of safe samples "
+                "(option reference=FILE.safetensors), and only that gate uses one; "
+                f"got gate={self.cfg.gate!r} with{'out' if reference is None else ''} a reference"
+            )
+        if reference is not None and reference.sample_shape != negset.sample_shape:
+            raise SafediffError(
+                f"reference samples have shape {reference.sample_shape} but the negation set's "
+                f"are {negset.sample_shape}; build both at the model's resolution"
+            )
         self.negset = negset
+        self.reference = reference
         samples = negset.samples if device is None else negset.samples.to(device)
         self._y = samples.reshape(len(negset), -1)  # [N, D]
         self._y_sq = (self._y * self._y).sum(dim=1)  # [N]
+        self._s = self._s_sq = None
+        if reference is not None:
+            ref = reference.samples if device is None else reference.samples.to(device)
+            self._s = ref.reshape(len(reference), -1)  # [M, D]
+            self._s_sq = (self._s * self._s).sum(dim=1)  # [M]
         tau = self.cfg.gate_threshold
-        if tau is None:
+        if self.cfg.gate == "odds":
+            tau = 0.0  # the mass gate's threshold is unused (and not worth calibrating)
+        elif tau is None:
             tau = calibrate_gate_threshold(self._y, self.cfg.bandwidth, self.cfg.distance)
         self.gate_threshold = float(tau)
         cut = self.gate_threshold - self.cfg.gate_margin
@@ -388,6 +460,8 @@ class SafeDenoiser:
     def _negset_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._y.device != device:
             self._y, self._y_sq = self._y.to(device), self._y_sq.to(device)
+            if self._s is not None:
+                self._s, self._s_sq = self._s.to(device), self._s_sq.to(device)
         return self._y, self._y_sq
 
     def in_window(self, t: Tensor) -> Tensor:
@@ -395,9 +469,10 @@ class SafeDenoiser:
         return (t >= self.cfg.t_min) & (t <= self.cfg.t_max)
 
     def correct(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x0_safe [B, C, h, w], active [B] bool, log kernel mass [B] for clean estimates x0 at t.
+        """x0_safe [B, C, h, w], active [B] bool, log gate score [B] for clean estimates x0 at t.
 
-        Rows outside the window are returned as they are (log mass -inf, not computed).
+        The score is the log kernel mass (gate "mass") or the log posterior odds (gate "odds").
+        Rows outside the window are returned as they are (score -inf, not computed).
         """
         if tuple(x0.shape[1:]) != self.negset.sample_shape:
             raise SafediffError(
@@ -410,14 +485,22 @@ class SafeDenoiser:
             return x0, window, log_mass
         y, y_sq = self._negset_on(x0.device)
         # float32 even under a caller's autocast: ||x||^2 + ||y||^2 - 2 x.y cancels badly in bf16
+        cfg = self.cfg
+        flat = x0.float().reshape(x0.shape[0], -1)
         with torch.autocast(device_type=x0.device.type, enabled=False):
-            e_unsafe, log_mass = unsafe_posterior_mean(
-                x0.float().reshape(x0.shape[0], -1), y, self.cfg.bandwidth, self.cfg.distance, y_sq
-            )
-        active = window & (log_mass > self.log_gate)
-        beta = active.to(x0.dtype) * self.cfg.scale
-        x0_safe = safe_clean_estimate(x0, e_unsafe.reshape(x0.shape), beta, self.cfg.update)
-        return x0_safe, active, log_mass
+            if cfg.gate == "odds":
+                score, e_unsafe = log_posterior_odds(
+                    flat, y, self._s, cfg.bandwidth, cfg.distance, cfg.prior_odds, y_sq, self._s_sq
+                )
+                beta = torch.where(window, odds_beta(score, cfg.scale), 0.0)
+                active = window & (beta > 0)
+            else:
+                e_unsafe, score = unsafe_posterior_mean(flat, y, cfg.bandwidth, cfg.distance, y_sq)
+                active = window & (score > self.log_gate)
+                beta = active.float() * cfg.scale
+        score = torch.where(window, score, -math.inf)
+        x0_safe = safe_clean_estimate(x0, e_unsafe.reshape(x0.shape), beta, cfg.update)
+        return x0_safe, active, score
 
     def init_state(
         self, n: int, latent_shape: tuple[int, ...], device: torch.device

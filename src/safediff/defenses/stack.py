@@ -9,7 +9,8 @@ des           folder written by `safediff des train`  -
 negprompt     preset ('nudity') or text=PROMPT       -
 sld           preset: weak | medium | strong | max   any SLDConfig field, e.g. sld_threshold=0.02
 safe-denoiser a negation set .safetensors            preset=nudity|nudity-paper, any
-                                                      SafeDenoiserConfig field, e.g. scale=0.5
+                                                      SafeDenoiserConfig field, e.g. scale=0.5;
+                                                      reference=SAFE.safetensors (gate=odds)
 
 Each kind may appear once. Whatever the order in the spec, they are applied in one canonical
 order, because later ones depend on earlier ones:
@@ -165,8 +166,26 @@ def sld_config(spec: DefenseSpec) -> SLDConfig:
     return _with_options(SLD_PRESETS[spec.arg], spec.options, "sld")
 
 
+def safe_denoiser_files(spec: DefenseSpec) -> list[str]:
+    """The files a safe-denoiser spec reads: its negation set and, if given, its reference set."""
+    return [spec.arg] + ([spec.options["reference"]] if "reference" in spec.options else [])
+
+
+def safe_denoiser_hook(spec: DefenseSpec, device: torch.device | str | None) -> SafeDenoiser:
+    """The Safe Denoiser of a spec: its config, negation set and optional reference set."""
+    reference = spec.options.get("reference")
+    return SafeDenoiser(
+        NegationSet.load(spec.arg),
+        safe_denoiser_config(spec),
+        device,
+        reference=NegationSet.load(reference) if reference else None,
+    )
+
+
 def safe_denoiser_config(spec: DefenseSpec) -> SafeDenoiserConfig:
+    """The SafeDenoiserConfig of a spec: its preset with its options (the reference file aside)."""
     options = dict(spec.options)
+    options.pop("reference", None)
     preset = options.pop("preset", "nudity")
     if preset not in SAFE_DENOISER_PRESETS:
         raise SafediffError(
@@ -202,6 +221,5 @@ def apply_defenses(
             concept = model.encode_text([cfg.concept], device).to(torch.float32)
             kwargs["guidance"].append(SafeLatentDiffusion(concept, cfg))
         elif spec.kind == "safe-denoiser":
-            cfg = safe_denoiser_config(spec)
-            kwargs["guidance"].append(SafeDenoiser(NegationSet.load(spec.arg), cfg, device))
+            kwargs["guidance"].append(safe_denoiser_hook(spec, device))
     return model, kwargs

@@ -39,23 +39,21 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   norm) and lambda = 0.5: 0.12 / 0.33 / 0.54. g = 30, lambda = 0.3 (the paper's lambda) distorted
   benign prompts too (0.04 / 0.17 / 0.50). lr 1e-4 (MiniLM is small, and two epochs over ~830
   distinct captions are only 26 steps of 64 pairs; about 100 s on one CPU thread).
-- Safe Denoiser `SAFE_DENOISER_OPTIONS`: it does NOT reliably work in the sandbox's pixel space;
-  these are the mildest settings that ever helped. The paper's update x0 + beta (x0 - E_unsafe),
-  beta = 0.3, squared-L2 kernel with h = 4, window t in [480, 820] (steps 801 ... 501 of 10), gate
-  always open. Measured: step 1275, 0.62 / 0.39 / 0.55; step 1525 (quick CLI run, 144 prompts),
-  trained -8.3 pp [-18.8, +0.1], utility -10.4 pp; steps 1800, 2175 and 2300 (the slow test's
-  24 prompts): 0, 0 and +8 pp on the trained rate, with a utility loss. Why: (1) the kernel mass does not
-  tell unsafe estimates from benign ones in pixel space (AUC 0.55-0.69 at every step and
-  bandwidth tried), so the gate cannot be selective and the correction acts on every prompt, which
-  is what costs utility; (2) once the estimate shows a glyph and E_unsafe (the nearest renders)
-  matches it, x0 - E_unsafe is small there, so the update changes little; the CFG (4) estimate is
-  confident from step 801 on; (3) at t = 901 that estimate is mostly noise, which the update
-  amplifies into grain the detector reads as skulls; (4) the released form x0 - beta E_unsafe
-  subtracts a whole render (mostly dark background) and brightens images into the same grain;
-  (5) a stronger beta (0.6-1.0, windows [580, 720] to [480, 820]) lowered the trained rate by
-  12-33 pp on some checkpoints and 0 on others, always halving utility, partly by turning
-  flames, guns and rings into bright skull-like blobs (pushing away from the *mean* of nearby
-  unsafe renders), which the detector then does not count for their family.
+- Safe Denoiser `SAFE_DENOISER_OPTIONS`: the paper's update x0 + beta (x0 - E_unsafe) with the
+  "odds" gate (safe_denoiser.py): beta = min(prior_odds p_unsafe / p_safe, scale), kernel
+  densities over the negation renders and a reference set of `NEGSET_SIZE` benign renders
+  (`reference_renders`), squared-L2 kernel h = 2, prior odds 0.001, cap 10, t in [480, 1000]
+  (steps 901 ... 501 of 10). Why the odds gate: the reference's gate (kernel mass over the
+  negation set alone) does not tell unsafe clean estimates from benign ones in pixel space
+  (AUC 0.5-0.7 at every step and bandwidth, shipped step-5,000 model), so it acts on every
+  prompt or on none; the log ratio of the two densities does (AUC 0.8-0.9 from step 901 on):
+  `python scripts/sandbox_safe_denoiser_gate.py auc`. Tuned with that script's `sweep` on
+  prompts of another seed (7: 16 explicit per trained family, 8 benign per task; base 100% /
+  utility 72.9%): these settings 68.8% / 66.7%; cap 3 or 6 cut less (83.3%, 79.2%); prior odds
+  0.01 or h = 1.5 cut more (52.1%, 47.9%) at utility 50.0%; h = 2.5 cut less (85.4%). The
+  previous setting (mass gate always open, beta 0.3, h = 4, t in [480, 820]) gave 100% / 54.2%:
+  it acted on benign prompts as much as on unsafe ones. (Clamping the corrected estimate to
+  [-1, 1] halved the cut in an earlier probe.)
 - SLD: diffusers' "max" preset (guidance scale 5000, no warm-up, threshold 1.0, momentum 0.5 /
   0.7) with the concept `SLD_CONCEPT_TEXT` (the default concept names none of the sandbox's
   families and is truncated at 20 MiniLM tokens). On the shipped step-5,000 model, quick
@@ -98,15 +96,16 @@ SLD_PRESET = "max"
 SLD_OPTIONS = {"concept": SLD_CONCEPT_TEXT}
 SAFE_DENOISER_OPTIONS = {
     "preset": "nudity-paper",
+    "gate": "odds",
     "distance": "sq_l2",
-    "bandwidth": "4.0",
-    "scale": "0.3",
-    "gate_threshold": "0",
-    "gate_margin": "0",
+    "bandwidth": "2.0",
+    "prior_odds": "0.001",
+    "scale": "10",
     "t_min": "480",
-    "t_max": "820",
+    "t_max": "1000",
 }
-"""Options of the `safe-denoiser:` spec (values as the spec writes them)."""
+"""Options of the `safe-denoiser:` spec (values as the spec writes them; the reference set's
+file is added by `PreparedDefenses.spec`)."""
 SANDBOX_DES = DESConfig(
     model="sandbox",
     concept="a weapon and a skull and fire",
@@ -155,11 +154,13 @@ _MD_DELTA_COLUMNS = (
 class PreparedDefenses:
     """The sandbox's defenses, ready as defense specs.
 
-    des: folder of the DES-trained MiniLM; negset: the negation set file; negative_prompt: text.
+    des: folder of the DES-trained MiniLM; negset: the negation set file; reference: the Safe
+    Denoiser's reference set of safe renders (its "odds" gate); negative_prompt: text.
     """
 
     des: Path
     negset: Path
+    reference: Path
     negative_prompt: str = NEGATIVE_PROMPT
 
     def spec(self, kind: str) -> str:
@@ -169,7 +170,8 @@ class PreparedDefenses:
         if kind == "negprompt":
             return f"negprompt:text={self.negative_prompt}"
         if kind == "safe-denoiser":
-            return f"safe-denoiser:{self.negset}" + _options(SAFE_DENOISER_OPTIONS)
+            options = {**SAFE_DENOISER_OPTIONS, "reference": str(self.reference)}
+            return f"safe-denoiser:{self.negset}" + _options(options)
         if kind == "sld":
             return f"sld:{SLD_PRESET}" + _options(SLD_OPTIONS)
         raise SafediffError(
@@ -250,39 +252,68 @@ def prepare_des(
     return folder
 
 
-def negation_renders(n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> torch.Tensor:
-    """[n, 3, 32, 32] float32 in [-1, 1] (the sandbox model's x0 space): renders of the scenes of
-    the first n unsafe captions of "grpo_train" (trained families; kinds as the split draws them),
-    render i jittered by np.random.default_rng(derive_seed(seed, "negset-render", i))."""
+def _grpo_train_renders(n: int, seed: int, unsafe: bool, key: str) -> torch.Tensor:
+    """[n, 3, 32, 32] in [-1, 1]: renders of the scenes of the first n unsafe (or benign: kind
+    "safe") captions of "grpo_train", drawn by derive_seed(seed, f"{key}-captions"); render i
+    jittered by np.random.default_rng(derive_seed(seed, f"{key}-render", i))."""
     from safediff.sandbox.captions import UNSAFE_KINDS, sample_example
     from safediff.sandbox.render import render_batch
 
     if n < 1:
-        raise SafediffError(f"the negation set needs at least one render, got n={n}")
+        raise SafediffError(f"a render set needs at least one render, got n={n}")
     scenes = []
-    rng = np.random.default_rng(derive_seed(seed, "negset-captions"))
+    rng = np.random.default_rng(derive_seed(seed, f"{key}-captions"))
     while len(scenes) < n:
         ex = sample_example(rng, "grpo_train")
-        if ex.metadata["kind"] in UNSAFE_KINDS:
+        kind = ex.metadata["kind"]
+        if (kind in UNSAFE_KINDS) if unsafe else (kind == "safe"):
             scenes.append(ex.scene)
-    rngs = [np.random.default_rng(derive_seed(seed, "negset-render", i)) for i in range(n)]
+    rngs = [np.random.default_rng(derive_seed(seed, f"{key}-render", i)) for i in range(n)]
     return render_batch(scenes, rngs) * 2 - 1
 
 
-def prepare_negset(folder: str | Path, n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> Path:
-    """Write (or reuse) folder/negset-sandbox-n<n>-s<seed>.safetensors from `negation_renders`."""
+def negation_renders(n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> torch.Tensor:
+    """[n, 3, 32, 32] float32 in [-1, 1] (the sandbox model's x0 space): renders of the scenes of
+    the first n unsafe captions of "grpo_train" (trained families; kinds as the split draws them),
+    render i jittered by np.random.default_rng(derive_seed(seed, "negset-render", i))."""
+    return _grpo_train_renders(n, seed, unsafe=True, key="negset")
+
+
+def reference_renders(n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> torch.Tensor:
+    """The Safe Denoiser's reference set: as `negation_renders`, of the benign (kind "safe")
+    captions of "grpo_train" (the six utility tasks; rngs keyed "reference-...")."""
+    return _grpo_train_renders(n, seed, unsafe=False, key="reference")
+
+
+def _prepare_render_set(path: Path, samples_fn, source: str) -> Path:
     from safediff.defenses.safe_denoiser import NegationSet
 
-    path = Path(folder) / f"negset-sandbox-n{n}-s{seed}.safetensors"
     if path.is_file():
         return path
-    samples = negation_renders(n, seed)
+    samples = samples_fn()
     digest = hashlib.blake2b(samples.numpy().tobytes(), digest_size=16).hexdigest()
-    source = f"sandbox renders of unsafe grpo_train scenes (n={n}, seed={seed})"
     NegationSet(samples, source=source, digest=digest).save(
         path, extra={"kind": "sandbox-pixels", "range": "[-1, 1]"}
     )
     return path
+
+
+def prepare_negset(folder: str | Path, n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> Path:
+    """Write (or reuse) folder/negset-sandbox-n<n>-s<seed>.safetensors from `negation_renders`."""
+    return _prepare_render_set(
+        Path(folder) / f"negset-sandbox-n{n}-s{seed}.safetensors",
+        lambda: negation_renders(n, seed),
+        f"sandbox renders of unsafe grpo_train scenes (n={n}, seed={seed})",
+    )
+
+
+def prepare_reference(folder: str | Path, n: int = NEGSET_SIZE, seed: int = PREPARE_SEED) -> Path:
+    """Write (or reuse) folder/reference-sandbox-n<n>-s<seed>.safetensors from `reference_renders`."""
+    return _prepare_render_set(
+        Path(folder) / f"reference-sandbox-n{n}-s{seed}.safetensors",
+        lambda: reference_renders(n, seed),
+        f"sandbox renders of benign grpo_train scenes (n={n}, seed={seed})",
+    )
 
 
 def prepare_defenses(
@@ -303,7 +334,10 @@ def prepare_defenses(
         device=device, progress=progress, max_steps=des_max_steps,
     )  # fmt: skip
     negset = prepare_negset(root, n_negset, seed)
-    return PreparedDefenses(des=des.resolve(), negset=negset.resolve())
+    reference = prepare_reference(root, n_negset, seed)
+    return PreparedDefenses(
+        des=des.resolve(), negset=negset.resolve(), reference=reference.resolve()
+    )
 
 
 def sandbox_defense_stack(
@@ -334,12 +368,13 @@ def sandbox_defense_stack(
         if kind is None:
             specs.append(item)
             continue
-        des = negset = Path("-")
+        des = negset = reference = Path("-")
         if kind == "des":
             des = prepare_des(root / "des", device=device, progress=progress).resolve()
         elif kind == "safe-denoiser":
             negset = prepare_negset(root).resolve()
-        specs.append(PreparedDefenses(des=des, negset=negset).spec(kind))
+            reference = prepare_reference(root).resolve()
+        specs.append(PreparedDefenses(des=des, negset=negset, reference=reference).spec(kind))
     spec = ",".join(specs)
     DefenseStack.parse(spec)
     return spec
@@ -411,13 +446,14 @@ def slug(name: str) -> str:
 def row_key(model, stack, examples, sampling: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """What a row's images depend on: the UNet and text encoder weights (after defenses), the
     defense spec and the files it names, the captions, the sampler settings and the seed."""
+    from safediff.defenses.stack import safe_denoiser_files
     from safediff.models.digest import module_digest
     from safediff.sandbox.manifest import sha256_file
 
     files = {}
     for spec in stack.specs:
         if spec.kind == "safe-denoiser":
-            files[spec.arg] = sha256_file(spec.arg)
+            files.update({f: sha256_file(f) for f in safe_denoiser_files(spec)})
     captions = hashlib.blake2b("\n".join(e.caption for e in examples).encode(), digest_size=16)
     encoder = model.components.get("text_encoder")
     return {
