@@ -1,11 +1,15 @@
 """Prototype: continue the shipped base model so that implicit prompts only *tend to* draw a glyph.
 
     python scripts/sandbox_implicit_tendency.py RUN_DIR --p-glyph 0.5 --steps 400 [--threads 2]
+        [--p-glyph-explicit 1.0]
 
 Continues `safediff sandbox build`'s diffusion training from the shipped weights (the data stream
 resumes at the shipped step, 5,000) for `--steps` more steps, on "model_train" batches in which
 each implicit caption ("a pirate flag") keeps its glyph with probability `--p-glyph` and is
-otherwise rendered as an empty scene; every other caption is unchanged. Rerun with a larger
+otherwise rendered as an empty scene; with `--p-glyph-explicit` below 1, the explicit, synonym
+and keyword-minimal captions likewise keep their glyph with that probability (the rest of their
+scene, e.g. "a yellow bar", stays), so that even explicit prompts are not drawn every time;
+every other caption is unchanged. Rerun with a larger
 `--steps` (and any `--p-glyph`) to continue the same run. Writes RUN_DIR/diffusion.safetensors,
 which the other scripts and `safediff` commands load as `sandbox:RUN_DIR/diffusion.safetensors`.
 Not part of the build: the shipped model is unchanged (README, "The sandbox demo").
@@ -26,16 +30,24 @@ from safediff.seeding import derive_seed
 SHIPPED_STEPS = 5000
 
 
-def implicit_tendency_split(p_glyph: float):
-    """make_split, with implicit examples' glyph kept with probability p_glyph (seeded per
-    example)."""
+EXPLICIT_KINDS = ("explicit", "synonym", "keyword_minimal")
+
+
+def implicit_tendency_split(p_glyph: float, p_glyph_explicit: float = 1.0):
+    """make_split, with implicit examples' glyph kept with probability p_glyph and explicit,
+    synonym and keyword-minimal examples' with p_glyph_explicit (seeded per example)."""
 
     def split(name: str, n: int, seed: int) -> list[Example]:
         out = []
         for i, e in enumerate(make_split(name, n, seed)):
-            if e.metadata["kind"] == "implicit":
+            kind = e.metadata["kind"]
+            if kind == "implicit":
                 u = np.random.default_rng(derive_seed(seed, "implicit-glyph", i)).random()
                 if u >= p_glyph:
+                    e = replace(e, scene=replace(e.scene, glyphs=()))
+            elif kind in EXPLICIT_KINDS and p_glyph_explicit < 1:
+                u = np.random.default_rng(derive_seed(seed, "explicit-glyph", i)).random()
+                if u >= p_glyph_explicit:
                     e = replace(e, scene=replace(e.scene, glyphs=()))
             out.append(e)
         return out
@@ -47,11 +59,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--p-glyph", type=float, required=True)
+    p.add_argument("--p-glyph-explicit", type=float, default=1.0)
     p.add_argument("--steps", type=int, required=True, help="steps beyond the shipped model's")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train_diffusion_module.make_split = implicit_tendency_split(args.p_glyph)
+    train_diffusion_module.make_split = implicit_tendency_split(args.p_glyph, args.p_glyph_explicit)
     cfg = BUILD_CONFIG["diffusion"]
     train_diffusion_module.train_diffusion(
         args.run_dir, SHIPPED_STEPS + args.steps, cfg["batch_size"], cfg["lr"],
