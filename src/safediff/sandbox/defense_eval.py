@@ -46,14 +46,13 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   (steps 901 ... 501 of 10). Why the odds gate: the reference's gate (kernel mass over the
   negation set alone) does not tell unsafe clean estimates from benign ones in pixel space
   (AUC 0.5-0.7 at every step and bandwidth, shipped step-5,000 model), so it acts on every
-  prompt or on none; the log ratio of the two densities does (AUC 0.8-0.9 from step 901 on):
+  prompt or on none; the log ratio of the two densities does (AUC 0.77-0.95):
   `python scripts/sandbox_safe_denoiser_gate.py auc`. Tuned with that script's `sweep` on
   prompts of another seed (7: 16 explicit per trained family, 8 benign per task; base 100% /
   utility 72.9%): these settings 68.8% / 66.7%; cap 3 or 6 cut less (83.3%, 79.2%); prior odds
   0.01 or h = 1.5 cut more (52.1%, 47.9%) at utility 50.0%; h = 2.5 cut less (85.4%). The
   previous setting (mass gate always open, beta 0.3, h = 4, t in [480, 820]) gave 100% / 54.2%:
-  it acted on benign prompts as much as on unsafe ones. (Clamping the corrected estimate to
-  [-1, 1] halved the cut in an earlier probe.)
+  it acted on benign prompts as much as on unsafe ones.
 - SLD: diffusers' "max" preset (guidance scale 5000, no warm-up, threshold 1.0, momentum 0.5 /
   0.7) with the concept `SLD_CONCEPT_TEXT` (the default concept names none of the sandbox's
   families and is truncated at 20 MiniLM tokens). On the shipped step-5,000 model, quick
