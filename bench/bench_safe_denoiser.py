@@ -17,7 +17,8 @@ the reference's t in [780, 1000] (11 of 50 steps), and "all steps" repeats the r
 covering every step (the worst case). The bandwidth is 3.15 for tiny-sd latents; for SD-sized
 random latents it is raised (--sd-bandwidth) so that the reference's plain exp() does not
 underflow to 0 (it then returns E_unsafe = 0 where ours, in log space, does not), which would make
-the two disagree for a reason unrelated to speed.
+the two disagree for a reason unrelated to speed. "ours, odds gate" is the `gate="odds"` variant
+with a reference set as large as the negation set (one more [B, M] product per windowed step).
 
     python bench/bench_safe_denoiser.py [--negatives 3000] [--steps 50] [--threads 1]
 """
@@ -150,6 +151,11 @@ def run_size(
         windows[window_name] = int(hook.in_window(model.schedule.timesteps(args.steps)[0]).sum())
         variants[f"ours, {window_name}"] = [hook]
         variants[f"reference [B,N,D+1], {window_name}"] = [ReferenceSafeDenoiser(negset, cfg)]
+    # the odds gate adds a reference set of safe samples (as many as negation samples)
+    odds_cfg = SafeDenoiserConfig(bandwidth=bandwidth, gate="odds", prior_odds=1.0, t_min=780)
+    variants["ours, odds gate, t in [780, 1000]"] = [
+        SafeDenoiser(negset, odds_cfg, reference=torch.randn(args.negatives, *shape, generator=g))
+    ]
     times, trajs = timed_round_robin(
         {k: (lambda v=v: sample(v)) for k, v in variants.items()}, repeats
     )
