@@ -9,50 +9,24 @@ each implicit caption ("a pirate flag") keeps its glyph with probability `--p-gl
 otherwise rendered as an empty scene; with `--p-glyph-explicit` below 1, the explicit, synonym
 and keyword-minimal captions likewise keep their glyph with that probability (the rest of their
 scene, e.g. "a yellow bar", stays), so that even explicit prompts are not drawn every time;
-every other caption is unchanged. Rerun with a larger
-`--steps` (and any `--p-glyph`) to continue the same run. Writes RUN_DIR/diffusion.safetensors,
-which the other scripts and `safediff` commands load as `sandbox:RUN_DIR/diffusion.safetensors`.
-Not part of the build: the shipped model is unchanged (README, "The sandbox demo").
+every other caption is unchanged. The thinning is train_diffusion.GlyphKeep, which `safediff
+sandbox build --glyph-keep-implicit P --glyph-keep-explicit P` uses for a rebuild from scratch.
+Rerun with a larger `--steps` (and any `--p-glyph`) to continue the same run. Writes
+RUN_DIR/diffusion.safetensors, which the other scripts and `safediff` commands load as
+`sandbox:RUN_DIR/diffusion.safetensors`. The shipped model is unchanged (README, "The sandbox
+demo").
 """
 
 import argparse
-from dataclasses import replace
 
-import numpy as np
 import torch
 
-import safediff.sandbox.train_diffusion as train_diffusion_module
 from safediff.sandbox.build import BUILD_CONFIG
-from safediff.sandbox.captions import Example, make_split
 from safediff.sandbox.manifest import weight_file
+from safediff.sandbox.train_diffusion import GlyphKeep, train_diffusion
 from safediff.seeding import derive_seed
 
 SHIPPED_STEPS = 5000
-
-
-EXPLICIT_KINDS = ("explicit", "synonym", "keyword_minimal")
-
-
-def implicit_tendency_split(p_glyph: float, p_glyph_explicit: float = 1.0):
-    """make_split, with implicit examples' glyph kept with probability p_glyph and explicit,
-    synonym and keyword-minimal examples' with p_glyph_explicit (seeded per example)."""
-
-    def split(name: str, n: int, seed: int) -> list[Example]:
-        out = []
-        for i, e in enumerate(make_split(name, n, seed)):
-            kind = e.metadata["kind"]
-            if kind == "implicit":
-                u = np.random.default_rng(derive_seed(seed, "implicit-glyph", i)).random()
-                if u >= p_glyph:
-                    e = replace(e, scene=replace(e.scene, glyphs=()))
-            elif kind in EXPLICIT_KINDS and p_glyph_explicit < 1:
-                u = np.random.default_rng(derive_seed(seed, "explicit-glyph", i)).random()
-                if u >= p_glyph_explicit:
-                    e = replace(e, scene=replace(e.scene, glyphs=()))
-            out.append(e)
-        return out
-
-    return split
 
 
 def main() -> None:
@@ -64,13 +38,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train_diffusion_module.make_split = implicit_tendency_split(args.p_glyph, args.p_glyph_explicit)
     cfg = BUILD_CONFIG["diffusion"]
-    train_diffusion_module.train_diffusion(
+    train_diffusion(
         args.run_dir, SHIPPED_STEPS + args.steps, cfg["batch_size"], cfg["lr"],
         derive_seed(0, "diffusion"), "cpu", warmup_steps=cfg["warmup_steps"],
         ema_decay=cfg["ema_decay"], init_weights=weight_file("diffusion.safetensors"),
         save_every=200, progress=True,
+        glyph_keep=GlyphKeep(implicit=args.p_glyph, explicit=args.p_glyph_explicit),
     )  # fmt: skip
 
 

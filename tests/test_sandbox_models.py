@@ -40,10 +40,13 @@ from safediff.sandbox.scene import (
 )
 from safediff.sandbox.text_encoder import MAX_LENGTH, mean_pool, minilm_path
 from safediff.sandbox.train_diffusion import (
+    EXPLICIT_GLYPH_KINDS,
+    GlyphKeep,
     TextStateCache,
     diffusion_loss,
     drop_captions,
     ema_update,
+    keep_glyphs,
     train_diffusion,
     train_step,
     training_batch,
@@ -63,7 +66,7 @@ from safediff.sandbox.utility import (
     score_utility,
     utility_summary,
 )
-from safediff.seeding import generator
+from safediff.seeding import derive_seed, generator
 
 HELDOUT_SEED = 20_240_917  # not a seed any build uses
 MARGIN = 0.01  # accuracy may fall this much below the recorded figure on a fresh sample
@@ -496,6 +499,49 @@ def test_training_batch_is_pure_and_captions_drop():
     assert 150 < dropped.count("") < 250
 
 
+def test_keep_glyphs_thins_unsafe_kinds_only_and_is_seeded():
+    examples = make_split("model_train", 3000, seed=5)
+    kinds = [e.metadata["kind"] for e in examples]
+    assert {"implicit", "explicit", "safe"} <= set(kinds)
+    named = [e for e, k in zip(examples, kinds, strict=True) if k in EXPLICIT_GLYPH_KINDS]
+    assert all(e.scene.glyphs for e in named)
+    assert keep_glyphs(examples, 11, GlyphKeep()) == examples
+    thinned = keep_glyphs(examples, 11, GlyphKeep(implicit=0.25, explicit=0.5))
+    assert thinned == keep_glyphs(examples, 11, GlyphKeep(implicit=0.25, explicit=0.5))
+    assert thinned != keep_glyphs(examples, 12, GlyphKeep(implicit=0.25, explicit=0.5))
+    for e, t, k in zip(examples, thinned, kinds, strict=True):
+        assert t.caption == e.caption and t.metadata == e.metadata
+        assert t.scene.objects == e.scene.objects  # the rest of the scene stays
+        if k not in ("implicit", *EXPLICIT_GLYPH_KINDS):
+            assert t == e
+        else:
+            assert t.scene.glyphs in (e.scene.glyphs, ())
+
+    def kept(group: tuple[str, ...]) -> tuple[int, int]:
+        idx = [i for i, k in enumerate(kinds) if k in group and examples[i].scene.glyphs]
+        return sum(bool(thinned[i].scene.glyphs) for i in idx), len(idx)
+
+    # each example's draw is a uniform from its own seed: the kept share is binomial (4 sigma)
+    for group, p in ((("implicit",), 0.25), (EXPLICIT_GLYPH_KINDS, 0.5)):
+        k, n = kept(group)
+        assert n > 150 and abs(k - p * n) < 4 * (n * p * (1 - p)) ** 0.5, (group, k, n)
+    assert all(not t.scene.glyphs for t in keep_glyphs(examples, 11, GlyphKeep(0.0, 0.0)))
+    with pytest.raises(SafediffError, match="must be in"):
+        GlyphKeep(implicit=1.5)
+
+
+def test_training_batch_glyph_keep_default_is_the_shipped_stream():
+    a, ca = training_batch(3, 7, 16)
+    b, cb = training_batch(3, 7, 16, GlyphKeep())
+    assert torch.equal(a, b) and ca == cb
+    c, cc = training_batch(3, 7, 16, GlyphKeep(0.0, 0.0))
+    assert cc == ca  # captions never change, only the renders of unsafe captions
+    split = make_split("model_train", 16, seed=derive_seed(3, "diffusion-data", 7))
+    unsafe = [i for i, e in enumerate(split) if e.scene.glyphs]
+    assert unsafe and all(not torch.equal(a[i], c[i]) for i in unsafe)
+    assert all(torch.equal(a[i], c[i]) for i in range(16) if i not in unsafe)
+
+
 def test_ema_and_text_cache(te):
     a, b = (
         build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0),
@@ -690,7 +736,7 @@ def test_build_diffusion_records_base_model_metrics(tmp_path, monkeypatch):
     monkeypatch.setitem(
         build.BUILD_CONFIG,
         "diffusion_eval",
-        {"n_safe": 6, "n_unsafe": 4, "num_steps": 2, "guidance_scale": 2.0},
+        {"n_safe": 6, "n_unsafe": 4, "n_implicit": 3, "num_steps": 2, "guidance_scale": 2.0},
     )
     entries = build.build_sandbox(
         out, only=["diffusion"], diffusion_steps=2, diffusion_batch_size=4,
@@ -701,9 +747,27 @@ def test_build_diffusion_records_base_model_metrics(tmp_path, monkeypatch):
     base = entry["metrics"]["base_model"]
     assert base["utility"]["n"] == 6 and 0 <= base["utility"]["overall"] <= 1
     assert 0 <= base["explicit_unsafe_rate"] <= 1
+    assert base["implicit_unsafe_rate"] in (0, 1 / 3, 2 / 3, 1)
     assert entry["config"]["train"]["steps"] == 2
     model = load_sandbox_model(out)
     assert model.schedule.num_train_timesteps == 1000
+    assert entry["config"]["train"]["glyph_keep"] == {"implicit": 1.0, "explicit": 1.0}
+    assert "--glyph-keep" not in entry["command"]
+    # the glyph tendency: recorded in the entry, the command and the weights' metadata
+    tendency = build.build_sandbox(
+        out, only=["diffusion"], diffusion_steps=2, diffusion_batch_size=4,
+        diffusion_run_dir=tmp_path / "run2", progress=False, glyph_keep={"implicit": 0.25},
+    )["diffusion"]  # fmt: skip
+    assert tendency["config"]["train"]["glyph_keep"] == {"implicit": 0.25, "explicit": 1.0}
+    assert "--glyph-keep-implicit 0.25" in tendency["command"]
+    assert "--glyph-keep-explicit" not in tendency["command"]
+    meta = manifest.read_metadata(out / DIFFUSION_FILE)
+    assert meta["train"]["glyph_keep"] == {"implicit": 0.25, "explicit": 1.0}
+    with pytest.raises(SafediffError, match="must be in"):
+        build.build_sandbox(
+            out, only=["diffusion"], diffusion_steps=2, diffusion_run_dir=tmp_path / "run3",
+            progress=False, glyph_keep={"explicit": -0.1},
+        )  # fmt: skip
 
 
 @pytest.mark.slow

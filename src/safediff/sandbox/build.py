@@ -52,11 +52,16 @@ BUILD_CONFIG: dict[str, Any] = {
         "lr": 4e-4,
         "warmup_steps": 100,
         "ema_decay": 0.995,
+        # train_diffusion.GlyphKeep: 1.0 / 1.0 (every unsafe caption drawn with its glyph) is
+        # what the shipped model saw; lower values (--glyph-keep-implicit/-explicit) make such
+        # prompts only tend to draw it, so that GRPO's rollout groups are mixed
+        "glyph_keep": {"implicit": 1.0, "explicit": 1.0},
     },
     # the demo's sampler (sandbox-demo preset): DDIM 10 steps, eta 1, CFG 4
     "diffusion_eval": {
         "n_safe": 300,
         "n_unsafe": 200,
+        "n_implicit": 100,  # reported only (no bar): how often implicit prompts draw the glyph
         "num_steps": 10,
         "guidance_scale": 4.0,
         "eta": 1.0,
@@ -95,6 +100,7 @@ def build_sandbox(
     progress: bool = True,
     diffusion_init: str | Path | None = None,
     clip_blanks: int | None = None,
+    glyph_keep: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the requested models and record them in `out_dir`'s manifest.
 
@@ -107,6 +113,9 @@ def build_sandbox(
     diffusion_init: continue the diffusion model from this weight file (e.g. the shipped one)
         when the run folder has no checkpoint (see train_diffusion's init_weights).
     clip_blanks: override BUILD_CONFIG["clip"]["n_blank"] (empty scenes in the CLIP's pool).
+    glyph_keep: override entries of BUILD_CONFIG["diffusion"]["glyph_keep"] ({"implicit": p,
+        "explicit": p}: the probability that the diffusion model's unsafe training captions keep
+        their glyph; see train_diffusion.GlyphKeep).
     Returns {name: manifest entry}.
     """
     if clip_blanks is not None and clip_blanks < 0:
@@ -128,7 +137,7 @@ def build_sandbox(
     if "diffusion" in only:
         entries["diffusion"] = _build_diffusion(
             out, Path(diffusion_run_dir), device, seed, command, diffusion_steps,
-            diffusion_batch_size, num_workers, progress, diffusion_init,
+            diffusion_batch_size, num_workers, progress, diffusion_init, glyph_keep,
         )  # fmt: skip
     return entries
 
@@ -247,8 +256,9 @@ def _build_diffusion(
     num_workers: int,
     progress: bool,
     init_weights: str | Path | None = None,
+    glyph_keep: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    from safediff.sandbox.train_diffusion import evaluate_base_model, train_diffusion
+    from safediff.sandbox.train_diffusion import GlyphKeep, evaluate_base_model, train_diffusion
     from safediff.sandbox.unet import (
         DIFFUSION_FILE,
         SANDBOX_SCHEDULER_CONFIG,
@@ -261,10 +271,15 @@ def _build_diffusion(
         cfg["steps"] = steps
     if batch_size is not None:
         cfg["batch_size"] = batch_size
+    cfg["glyph_keep"] = {**cfg["glyph_keep"], **(glyph_keep or {})}
+    keep = GlyphKeep(**cfg["glyph_keep"])  # validates
+    for name in ("implicit", "explicit"):
+        if cfg["glyph_keep"][name] != BUILD_CONFIG["diffusion"]["glyph_keep"][name]:
+            command += f" --glyph-keep-{name} {cfg['glyph_keep'][name]}"
     summary = train_diffusion(
         run_dir, cfg["steps"], cfg["batch_size"], cfg["lr"], derive_seed(seed, "diffusion"),
         device, num_workers=num_workers, progress=progress, warmup_steps=cfg["warmup_steps"],
-        ema_decay=cfg["ema_decay"], init_weights=init_weights,
+        ema_decay=cfg["ema_decay"], init_weights=init_weights, glyph_keep=keep,
     )  # fmt: skip
     shutil.copyfile(run_dir / DIFFUSION_FILE, out / DIFFUSION_FILE)
     metrics: dict[str, Any] = _final_train_metrics(summary, run_dir)

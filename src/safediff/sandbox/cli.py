@@ -40,6 +40,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         diffusion_run_dir=args.diffusion_run_dir,
         diffusion_init=args.diffusion_init,
         clip_blanks=args.clip_blanks,
+        glyph_keep={
+            k: v
+            for k, v in (
+                ("implicit", args.glyph_keep_implicit),
+                ("explicit", args.glyph_keep_explicit),
+            )
+            if v is not None
+        },
         progress=not args.no_progress,
     )
     for name, entry in entries.items():
@@ -138,6 +146,19 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         type=int,
         help="empty scenes captioned as empty added to the CLIP's training pool (default: the "
         "build config's 600, as shipped; 0 rebuilds the CLIP that never saw an empty scene)",
+    )
+    b.add_argument(
+        "--glyph-keep-implicit",
+        type=float,
+        metavar="P",
+        help="probability that an implicit training caption keeps its glyph in the diffusion "
+        "model's data (default 1.0, as shipped; below 1 the prompts only tend to draw it)",
+    )
+    b.add_argument(
+        "--glyph-keep-explicit",
+        type=float,
+        metavar="P",
+        help="the same for explicit, synonym and keyword-minimal captions (default 1.0)",
     )
     b.add_argument("--workers", type=int, default=0, help="data workers for diffusion training")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")

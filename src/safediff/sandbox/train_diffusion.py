@@ -7,6 +7,11 @@ noise at random timesteps -> loss -> AdamW step -> EMA update -> log / checkpoin
   `make_split("model_train", B, seed=derive_seed(seed, "diffusion-data", step))`, each scene with
   its own jitter generator. A batch is a pure function of (seed, step), so resuming needs no RNG
   state and the result does not depend on `num_workers`.
+- Glyph tendency (`GlyphKeep`, default off): implicit captions ("a pirate flag"), and optionally
+  the explicit, synonym and keyword-minimal ones, keep their glyph only with a probability and
+  are otherwise rendered with the glyph removed, so that the model learns that such prompts
+  *tend to* contain the unsafe object. GRPO needs that: it learns only from groups of rollouts
+  that hold both a flagged and a clean image (README, "The sandbox demo").
 - Caption dropout: each caption is replaced by "" with probability `caption_dropout`, so that one
   network is both the conditional and the unconditional model that classifier-free guidance needs.
 - Objective: DDPM's "simple" loss on the epsilon (or v) target, optionally weighted per sample by
@@ -32,6 +37,7 @@ import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from safediff.errors import SafediffError
-from safediff.sandbox.captions import make_split
+from safediff.sandbox.captions import Example, make_split
 from safediff.sandbox.manifest import load_weights, save_weights, sha256_file
 from safediff.sandbox.render import render_batch
 from safediff.sandbox.text_encoder import SandboxTextEncoder, load_text_encoder
@@ -66,13 +72,67 @@ _RESUME_KEYS = ("batch_size", "seed", "prediction_type", "caption_dropout", "une
 # Pure pieces
 
 
-def training_batch(seed: int, step: int, batch_size: int) -> tuple[Tensor, list[str]]:
+EXPLICIT_GLYPH_KINDS = ("explicit", "synonym", "keyword_minimal")
+"""Caption kinds that name the unsafe object (GlyphKeep.explicit applies to them)."""
+
+
+@dataclass(frozen=True)
+class GlyphKeep:
+    """Probability that a training caption of an unsafe kind keeps its glyph in the render.
+
+    implicit: for "implicit" captions; explicit: for EXPLICIT_GLYPH_KINDS. 1.0 and 1.0 (the
+    default, what the shipped model was trained on) leave every render as the grammar draws it.
+    """
+
+    implicit: float = 1.0
+    explicit: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, p in asdict(self).items():
+            if not 0.0 <= p <= 1.0:
+                raise SafediffError(f"glyph keep probability {name} must be in [0, 1], got {p}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.implicit == 1.0 and self.explicit == 1.0
+
+
+def keep_glyphs(examples: list[Example], seed: int, keep: GlyphKeep) -> list[Example]:
+    """`examples` with the glyphs of unsafe-kind scenes removed with probability 1 - keep.
+
+    Example i's draw depends only on (seed, its group, i): group "implicit-glyph" for implicit
+    captions and "explicit-glyph" for EXPLICIT_GLYPH_KINDS; other kinds are returned unchanged.
+    A removed glyph leaves the rest of the scene (e.g. "a yellow bar") as it was.
+    """
+    out = []
+    for i, e in enumerate(examples):
+        kind = e.metadata["kind"]
+        if kind == "implicit":
+            p, group = keep.implicit, "implicit-glyph"
+        elif kind in EXPLICIT_GLYPH_KINDS:
+            p, group = keep.explicit, "explicit-glyph"
+        else:
+            out.append(e)
+            continue
+        if p < 1.0 and np.random.default_rng(derive_seed(seed, group, i)).random() >= p:
+            e = replace(e, scene=replace(e.scene, glyphs=()))
+        out.append(e)
+    return out
+
+
+def training_batch(
+    seed: int, step: int, batch_size: int, glyph_keep: GlyphKeep | None = None
+) -> tuple[Tensor, list[str]]:
     """The batch of `step`: images [B, 3, 32, 32] float32 in [0, 1] and their captions [B].
 
-    A pure function of (seed, step, batch_size): the "model_train" split drawn with a per-step
-    seed, each scene rendered with its own jitter generator.
+    A pure function of (seed, step, batch_size, glyph_keep): the "model_train" split drawn with a
+    per-step seed (its unsafe scenes thinned by `keep_glyphs` when glyph_keep is given), each
+    scene rendered with its own jitter generator.
     """
-    examples = make_split("model_train", batch_size, seed=derive_seed(seed, "diffusion-data", step))
+    split_seed = derive_seed(seed, "diffusion-data", step)
+    examples = make_split("model_train", batch_size, seed=split_seed)
+    if glyph_keep is not None and not glyph_keep.is_identity:
+        examples = keep_glyphs(examples, split_seed, glyph_keep)
     rngs = [
         np.random.default_rng(derive_seed(seed, "diffusion-jitter", step, j))
         for j in range(batch_size)
@@ -248,23 +308,26 @@ def _load_checkpoint(ckpt: Path, unet, ema, optimizer, device) -> dict[str, Any]
 class _StepBatches(torch.utils.data.Dataset):
     """Batch `step` of a run, for DataLoader workers (rendering is the CPU-heavy part on a GPU)."""
 
-    def __init__(self, seed: int, batch_size: int, steps: int):
+    def __init__(self, seed: int, batch_size: int, steps: int, glyph_keep: GlyphKeep):
         self.seed, self.batch_size, self.steps = seed, batch_size, steps
+        self.glyph_keep = glyph_keep
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int) -> tuple[Tensor, list[str]]:
-        return training_batch(self.seed, step, self.batch_size)
+        return training_batch(self.seed, step, self.batch_size, self.glyph_keep)
 
 
-def _batches(seed: int, batch_size: int, start: int, steps: int, workers: int) -> Iterator:
+def _batches(
+    seed: int, batch_size: int, start: int, steps: int, workers: int, glyph_keep: GlyphKeep
+) -> Iterator:
     if workers <= 0:
         for step in range(start, steps):
-            yield training_batch(seed, step, batch_size)
+            yield training_batch(seed, step, batch_size, glyph_keep)
         return
     loader = torch.utils.data.DataLoader(
-        _StepBatches(seed, batch_size, steps),
+        _StepBatches(seed, batch_size, steps, glyph_keep),
         batch_size=None,
         sampler=range(start, steps),
         num_workers=workers,
@@ -299,6 +362,7 @@ def train_diffusion(
     resume: bool = True,
     progress: bool = True,
     init_weights: str | Path | None = None,
+    glyph_keep: GlyphKeep | None = None,
 ) -> dict[str, Any]:
     """Train the sandbox diffusion UNet for `steps` optimiser steps (total, across resumes).
 
@@ -329,6 +393,9 @@ def train_diffusion(
 
             The run records the file's sha256 and step as `init` (in its checkpoints and weight
             metadata), and a resumed run keeps that record.
+        glyph_keep: the glyph tendency of unsafe captions (module docstring; None: off). It may
+            change between resumes (e.g. lowered in stages); the weights and checkpoints record
+            the value of the call that wrote them.
 
     Returns: {"out_dir", "weights", "start_step", "end_step", "init" (None or {"sha256",
         "steps_done"}: the file the run started from), "losses" [(step, loss)],
@@ -354,6 +421,7 @@ def train_diffusion(
         "snr_gamma": snr_gamma, "ema_decay": ema_decay, "warmup_steps": warmup_steps,
         "weight_decay": weight_decay, "grad_clip": grad_clip, "mixed_precision": mixed_precision,
         "unet_config": unet_config, "init": None,
+        "glyph_keep": asdict(glyph_keep or GlyphKeep()),
     }  # fmt: skip
 
     from diffusers import DDIMScheduler
@@ -378,6 +446,11 @@ def train_diffusion(
             )
         start = int(state["step"])
         args["init"] = saved.get("init")  # the run's lineage, whatever this call passed
+        before = saved.get("glyph_keep", asdict(GlyphKeep()))
+        if before != args["glyph_keep"]:
+            log.info(
+                "glyph keep changes from %s to %s at step %d", before, args["glyph_keep"], start
+            )
         log.info("resuming diffusion training from step %d (%s)", start, ckpt)
         if init_weights is not None and (
             args["init"] is None or args["init"]["sha256"] != sha256_file(init_weights)
@@ -415,7 +488,8 @@ def train_diffusion(
         save_weights(out / DIFFUSION_FILE, ema.state_dict(), meta)
 
     with (out / LOG_FILE).open("a") as log_file:
-        for images, captions in _batches(seed, batch_size, start, steps, num_workers):
+        batches = _batches(seed, batch_size, start, steps, num_workers, glyph_keep or GlyphKeep())
+        for images, captions in batches:
             gen = generator(derive_seed(seed, "diffusion-noise", step))
             captions = drop_captions(list(captions), caption_dropout, gen)
             timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=gen)
@@ -485,6 +559,7 @@ def evaluate_base_model(
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 64,
+    n_implicit: int = 0,
 ) -> dict[str, Any]:
     """Sample the base model on "eval" prompts and read the images with the sandbox's judges.
 
@@ -492,7 +567,10 @@ def evaluate_base_model(
     Benign prompts (kind "safe", all six tasks): utility per task and overall (GenEval's mean of
     task accuracies). Explicit unsafe prompts: the fraction of images in which the detector finds
     the prompt's family (the base model must draw what it is asked: the bar is >= 80%, and
-    >= 60% overall utility). DDIM with `num_steps`, `eta`, CFG `guidance_scale` against "".
+    >= 60% overall utility). `n_implicit` implicit prompts (drawn after the others, so they
+    leave those unchanged): the same rate, which a base model built with a glyph tendency
+    (GlyphKeep) should hold well below 100%, so that GRPO's groups of such prompts are mixed.
+    DDIM with `num_steps`, `eta`, CFG `guidance_scale` against "".
     """
     from safediff.sampling.rollout import rollout
     from safediff.sandbox.captions import sample_example
@@ -502,7 +580,8 @@ def evaluate_base_model(
     rng = np.random.default_rng(derive_seed(seed, "base-eval"))
     safe = [sample_example(rng, "eval", kind="safe") for _ in range(n_safe)]
     unsafe = [sample_example(rng, "eval", kind="explicit") for _ in range(n_unsafe)]
-    examples = safe + unsafe
+    implicit = [sample_example(rng, "eval", kind="implicit") for _ in range(n_implicit)]
+    examples = safe + unsafe + implicit
     device = next(model.unet.parameters()).device
     cond = model.encode_text([e.caption for e in examples], device)
     uncond = model.encode_text([""], device)
@@ -516,14 +595,20 @@ def evaluate_base_model(
         [e.metadata for e in safe],
     )
     found = detector.detect(images[n_safe:]).cpu()
-    hits = [bool(found[i, FAMILIES.index(e.metadata["family"])]) for i, e in enumerate(unsafe)]
+    hits = [
+        bool(found[i, FAMILIES.index(e.metadata["family"])])
+        for i, e in enumerate(unsafe + implicit)
+    ]
+    hits, implicit_hits = hits[:n_unsafe], hits[n_unsafe:]
     per_family = {
         f: sum(h for h, e in zip(hits, unsafe, strict=True) if e.metadata["family"] == f)
         / max(1, sum(e.metadata["family"] == f for e in unsafe))
         for f in FAMILIES
     }
+    implicit_rate = {"implicit_unsafe_rate": sum(implicit_hits) / n_implicit} if n_implicit else {}
     return {
         "utility": util,
+        **implicit_rate,
         "explicit_unsafe_rate": sum(hits) / max(1, len(hits)),
         "explicit_unsafe_rate_per_family": per_family,
         "benign_flagged_rate": float(detector.detect(images[:n_safe]).any(1).float().mean()),
