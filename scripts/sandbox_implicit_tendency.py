@@ -1,10 +1,10 @@
-"""Prototype: continue the shipped base model so that implicit prompts only *tend to* draw a glyph.
+"""Prototype: continue a base model so that implicit prompts only *tend to* draw a glyph.
 
     python scripts/sandbox_implicit_tendency.py RUN_DIR --p-glyph 0.5 --steps 400 [--threads 2]
-        [--p-glyph-explicit 1.0]
+        [--p-glyph-explicit 1.0] [--init FILE]
 
-Continues `safediff sandbox build`'s diffusion training from the shipped weights (the data stream
-resumes at the shipped step, 5,000) for `--steps` more steps, on "model_train" batches in which
+Continues `safediff sandbox build`'s diffusion training from `--init` (default: the shipped
+weights; the data stream resumes at the file's recorded step) for `--steps` more steps, on "model_train" batches in which
 each implicit caption ("a pirate flag") keeps its glyph with probability `--p-glyph` and is
 otherwise rendered as an empty scene; with `--p-glyph-explicit` below 1, the explicit, synonym
 and keyword-minimal captions likewise keep their glyph with that probability (the rest of their
@@ -13,8 +13,9 @@ every other caption is unchanged. The thinning is train_diffusion.GlyphKeep, whi
 sandbox build --glyph-keep-implicit P --glyph-keep-explicit P` uses for a rebuild from scratch.
 Rerun with a larger `--steps` (and any `--p-glyph`) to continue the same run. Writes
 RUN_DIR/diffusion.safetensors, which the other scripts and `safediff` commands load as
-`sandbox:RUN_DIR/diffusion.safetensors`. The shipped model is unchanged (README, "The sandbox
-demo").
+`sandbox:RUN_DIR/diffusion.safetensors`. The README's prototypes continued the step-5,000 file
+shipped until 2026-11-24: `git show 79cb99a:src/safediff/sandbox/weights/diffusion.safetensors >
+step5000.safetensors`, then `--init step5000.safetensors`.
 """
 
 import argparse
@@ -22,11 +23,9 @@ import argparse
 import torch
 
 from safediff.sandbox.build import BUILD_CONFIG
-from safediff.sandbox.manifest import weight_file
+from safediff.sandbox.manifest import read_metadata, weight_file
 from safediff.sandbox.train_diffusion import GlyphKeep, train_diffusion
 from safediff.seeding import derive_seed
-
-SHIPPED_STEPS = 5000
 
 
 def main() -> None:
@@ -34,15 +33,18 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--p-glyph", type=float, required=True)
     p.add_argument("--p-glyph-explicit", type=float, default=1.0)
-    p.add_argument("--steps", type=int, required=True, help="steps beyond the shipped model's")
+    p.add_argument("--steps", type=int, required=True, help="steps beyond the init file's")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", help="weight file to continue (default: the shipped model)")
     args = p.parse_args()
+    init = args.init or weight_file("diffusion.safetensors")
+    done = int(read_metadata(init)["train"]["steps_done"])
     torch.set_num_threads(args.threads)
     cfg = BUILD_CONFIG["diffusion"]
     train_diffusion(
-        args.run_dir, SHIPPED_STEPS + args.steps, cfg["batch_size"], cfg["lr"],
+        args.run_dir, done + args.steps, cfg["batch_size"], cfg["lr"],
         derive_seed(0, "diffusion"), "cpu", warmup_steps=cfg["warmup_steps"],
-        ema_decay=cfg["ema_decay"], init_weights=weight_file("diffusion.safetensors"),
+        ema_decay=cfg["ema_decay"], init_weights=init,
         save_every=200, progress=True,
         glyph_keep=GlyphKeep(implicit=args.p_glyph, explicit=args.p_glyph_explicit),
     )  # fmt: skip
