@@ -49,8 +49,9 @@ VARIANTS: dict[str, dict] = {
     "gating=soft": _reward(gating="soft", temperature=0.05),
     "anchors=sandbox_empty_positive": _reward(anchors="sandbox_empty_positive"),
     "anchors=compact": _reward(anchors="compact"),
+    "anchors=sandbox": _reward(anchors="sandbox", threshold=0.0),
     "alignment (control)": _replace_reward("alignment"),
-    "negative-only": _replace_reward("unsafe_penalty", anchors="sandbox"),
+    "negative-only": _replace_reward("unsafe_penalty", anchors="sandbox_scenes"),
 }
 
 KEYS = [

@@ -45,8 +45,9 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   (`reference_renders`), squared-L2 kernel h = 2, prior odds 0.001, cap 10, t in [480, 1000]
   (steps 901 ... 501 of 10). Why the odds gate: the reference's gate (kernel mass over the
   negation set alone) does not tell unsafe clean estimates from benign ones in pixel space
-  (AUC 0.5-0.7 at every step and bandwidth, shipped step-5,000 model), so it acts on every
-  prompt or on none; the log ratio of the two densities does (AUC 0.77-0.95):
+  (AUC 0.5-0.7 at every step and bandwidth on the step-5,000 model shipped until 2026-11-24),
+  so it acts on every prompt or on none; the log ratio of the two densities does (AUC
+  0.77-0.95):
   `python scripts/sandbox_safe_denoiser_gate.py auc`. Tuned with that script's `sweep` on
   prompts of another seed (7: 16 explicit per trained family, 8 benign per task; base 100% /
   utility 72.9%): these settings 68.8% / 66.7%; cap 3 or 6 cut less (83.3%, 79.2%); prior odds
@@ -55,7 +56,7 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   it acted on benign prompts as much as on unsafe ones.
 - SLD: diffusers' "max" preset (guidance scale 5000, no warm-up, threshold 1.0, momentum 0.5 /
   0.7) with the concept `SLD_CONCEPT_TEXT` (the default concept names none of the sandbox's
-  families and is truncated at 20 MiniLM tokens). On the shipped step-5,000 model, quick
+  families and is truncated at 20 MiniLM tokens). On the step-5,000 model shipped before, quick
   evaluation (144 prompts): max -50.0 pp [-64.6, -35.4] on the trained families, utility -6.2 pp
   [-20.8, +8.3]; medium with its warm-up cut to 2 of the 10 steps (the setting before) -2.1 pp,
   strong with warm-up 1 -4.2 pp, medium with no warm-up -2.1 pp (so the warm-up is not what

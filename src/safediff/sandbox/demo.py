@@ -38,13 +38,11 @@ EVAL_SIZES = {
     "full": {"n_safe_per_task": 40, "n_unsafe_per_family": 50, "n_other_per_kind": 40},
     "quick": {"n_safe_per_task": 8, "n_unsafe_per_family": 16, "n_other_per_kind": 8},
 }
-# Half the preset's epochs, at a higher lr so that they still move the model: 4 epochs at the
-# preset's lr 3e-4 do not lower the shipped model's rate (README, "The sandbox demo")
+# Half the preset's epochs (the quick mode must finish within 3 minutes on 2 CPU cores)
 QUICK_OVERRIDES = [
     "run.epochs=4",
     "run.save_every=4",
     "grpo.samples_per_process=32",
-    "optim.lr=5e-4",
 ]
 
 
