@@ -643,6 +643,11 @@ def test_data_workers_give_the_same_batches():
     assert len(direct) == len(loaded) == 3
     for (a, ca), (b, cb) in zip(direct, loaded, strict=True):
         assert torch.equal(a, b) and list(ca) == list(cb)
+    keep = GlyphKeep(implicit=0.0, explicit=0.0)  # the workers apply the tendency too
+    thinned = list(_batches(seed=2, batch_size=3, start=1, steps=4, workers=0, glyph_keep=keep))
+    in_workers = list(_batches(seed=2, batch_size=3, start=1, steps=4, workers=1, glyph_keep=keep))
+    for (a, ca), (b, cb) in zip(thinned, in_workers, strict=True):
+        assert torch.equal(a, b) and list(ca) == list(cb)
 
 
 def test_sandbox_encoder_spec(monkeypatch, te):

@@ -308,7 +308,7 @@ def _load_checkpoint(ckpt: Path, unet, ema, optimizer, device) -> dict[str, Any]
 class _StepBatches(torch.utils.data.Dataset):
     """Batch `step` of a run, for DataLoader workers (rendering is the CPU-heavy part on a GPU)."""
 
-    def __init__(self, seed: int, batch_size: int, steps: int, glyph_keep: GlyphKeep):
+    def __init__(self, seed: int, batch_size: int, steps: int, glyph_keep: GlyphKeep | None = None):
         self.seed, self.batch_size, self.steps = seed, batch_size, steps
         self.glyph_keep = glyph_keep
 
@@ -320,7 +320,12 @@ class _StepBatches(torch.utils.data.Dataset):
 
 
 def _batches(
-    seed: int, batch_size: int, start: int, steps: int, workers: int, glyph_keep: GlyphKeep
+    seed: int,
+    batch_size: int,
+    start: int,
+    steps: int,
+    workers: int,
+    glyph_keep: GlyphKeep | None = None,
 ) -> Iterator:
     if workers <= 0:
         for step in range(start, steps):
