@@ -118,6 +118,64 @@ def test_kl_to_reference_is_logged_and_finite(tiny_overrides):
     assert math.isfinite(metrics["train/kl"]) and metrics["train/kl"] > 0
 
 
+class GatedBrightness(BrightnessReward):
+    """Brightness with a steering-style gate: weight 1 for the prompts in `steered`, else 0."""
+
+    name = "gated-brightness"
+
+    def __init__(self, steered=()):
+        super().__init__()
+        self.steered = set(steered)
+
+    def prompt_targets(self, prompts):
+        return {"weight": torch.tensor([float(p in self.steered) for p in prompts])}
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.bare_unet().named_parameters()}
+
+
+def test_kl_scope_unsteered_weights_each_sample_by_one_minus_its_gate(tiny_overrides):
+    kl = [*tiny_overrides, "grpo.kl_coef=0.1", "grpo.inner_epochs=2"]
+    prompts = load_prompts(load_config(None, kl).prompts.file)
+    trainer, _, _ = make_trainer(
+        [*kl, "grpo.kl_scope=unsteered"], reward=GatedBrightness(steered=prompts[:1])
+    )
+    weights = trainer.kl_weights([prompts[0], prompts[-1], prompts[0]])
+    assert weights.tolist() == [0.0, 1.0, 0.0]
+    # kl_scope 'all' has no weights
+    plain, _, _ = make_trainer(kl, reward=GatedBrightness(steered=prompts))
+    assert plain.kl_weights(prompts) is None
+
+    # every prompt steered: no KL at all, the same update as without the KL term
+    steered, _, _ = make_trainer(
+        [*kl, "grpo.kl_scope=unsteered"], reward=GatedBrightness(steered=prompts)
+    )
+    free, _, _ = make_trainer(
+        [*tiny_overrides, "grpo.inner_epochs=2"], reward=GatedBrightness(steered=prompts)
+    )
+    m_steered, m_free = steered.run_epoch(0), free.run_epoch(0)
+    assert m_steered["train/kl"] == 0.0 and m_free["train/kl"] == 0.0
+    p_steered, p_free = _params(steered), _params(free)
+    assert all(torch.equal(p_steered[n], p_free[n]) for n in p_free)
+
+    # no prompt steered: the whole KL, the same update as kl_scope 'all'
+    held, _, _ = make_trainer([*kl, "grpo.kl_scope=unsteered"], reward=GatedBrightness())
+    whole, _, _ = make_trainer(kl, reward=GatedBrightness())
+    m_held, m_whole = held.run_epoch(0), whole.run_epoch(0)
+    assert m_held["train/kl"] > 0 and m_held["train/kl"] == m_whole["train/kl"]
+    p_held, p_whole = _params(held), _params(whole)
+    assert all(torch.equal(p_held[n], p_whole[n]) for n in p_whole)
+    assert not all(torch.equal(p_held[n], p_free[n]) for n in p_free)
+
+
+def test_kl_scope_unsteered_needs_a_gated_reward(tiny_overrides):
+    with pytest.raises(SafediffError, match="needs a reward with a gate"):
+        make_trainer([*tiny_overrides, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered"])
+    with pytest.raises(SafediffError, match="kl_scope must be"):
+        load_config(None, [*tiny_overrides, "grpo.kl_scope=benign"])
+
+
 def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):
     import safediff.rl.trainer as trainer_module
 

@@ -68,6 +68,11 @@ class GRPOConfig:
     log-density of the whole latent; use a far larger c)."""
     kl_coef: float = 0.0
     """Weight of the KL to the reference policy (0 turns it off and skips the reference pass)."""
+    kl_scope: str = "all"
+    """Which samples the KL term holds: 'all', or 'unsteered': each sample's KL is weighted by
+    1 - w, w the reward's gate weight for its prompt (a reward with `prompt_targets`, i.e. the
+    steering reward), so prompts the reward leaves unsteered stay near the reference while
+    steered ones move freely."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's denoising steps that are trained, drawn per sample."""
     train_last_step: bool = True
@@ -177,6 +182,10 @@ def validate(cfg: TrainConfig) -> None:
             "grpo.logprob_reduction must be 'mean' or 'sum'",
         ),
         (cfg.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+        (
+            cfg.grpo.kl_scope in ("all", "unsteered"),
+            "grpo.kl_scope must be 'all' or 'unsteered'",
+        ),
         (0 < cfg.grpo.timestep_fraction <= 1, "grpo.timestep_fraction must be in (0, 1]"),
         (cfg.grpo.min_step_std >= 0, "grpo.min_step_std must be >= 0"),
         (cfg.grpo.inner_epochs >= 1, "grpo.inner_epochs must be >= 1"),

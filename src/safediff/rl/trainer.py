@@ -67,12 +67,14 @@ class EpochBatch:
     traj: the stored rollouts of this process's samples (N_local of them).
     prompt_embeds: [N_local, L, D]; negative_embeds: [1, L, D] or None (no CFG).
     advantages: [N_local] float32 (0 for samples in skipped groups).
+    kl_weights: [N_local] float32, each sample's weight on the KL term (None: 1 for all).
     """
 
     traj: Trajectory
     prompt_embeds: torch.Tensor
     negative_embeds: torch.Tensor | None
     advantages: torch.Tensor
+    kl_weights: torch.Tensor | None = None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -135,6 +137,11 @@ class GRPOTrainer:
                 g.samples_per_process * cfg.run.num_processes,
             )
         self.total_samples = total
+        if g.kl_scope == "unsteered" and g.kl_coef > 0 and not hasattr(reward, "prompt_targets"):
+            raise SafediffError(
+                f"grpo.kl_scope 'unsteered' needs a reward with a gate (the steering reward); "
+                f"{getattr(reward, 'name', type(reward).__name__)!r} has none"
+            )
         self._setup_model()
 
     # ----------------------------------------------------------------------------- set-up
@@ -237,6 +244,15 @@ class GRPOTrainer:
         local = local.to(self.device)
         gathered = self.acc.gather(local) if self.world > 1 else local
         return local, gathered
+
+    def kl_weights(self, prompts: list[str]) -> torch.Tensor | None:
+        """Per-sample KL weights [N_local] for grpo.kl_scope (None: every sample weighs 1)."""
+        g = self.cfg.grpo
+        if g.kl_coef == 0 or g.kl_scope == "all":
+            return None
+        with torch.no_grad():
+            w = self.reward.prompt_targets(prompts)["weight"]
+        return (1.0 - w.detach().float()).clamp(0.0, 1.0).cpu()
 
     def train_on(self, batch: EpochBatch, epoch: int) -> dict[str, float]:
         """Inner epochs of clipped-objective updates on the stored transitions."""
@@ -342,6 +358,8 @@ class GRPOTrainer:
             with torch.no_grad(), self.acc.autocast(), self._reference() as ref:
                 ref_out = transition_log_prob(ref, **common)
             kl = gaussian_kl(out.mean, ref_out.mean, out.std, reduction=cfg.grpo.logprob_reduction)
+            if batch.kl_weights is not None:
+                kl = kl * batch.kl_weights[j].to(dev, kl.dtype)
             per = per + cfg.grpo.kl_coef * kl
             kl_mean = float(kl.detach().mean())
         loss = per.sum() / n_chunk
@@ -420,7 +438,7 @@ class GRPOTrainer:
             logger.warning("epoch %d: every group was skipped; no update this epoch", epoch)
             train_stats: dict[str, float] = {}
         else:
-            batch = EpochBatch(traj, prompt_embeds, negative, advantages)
+            batch = EpochBatch(traj, prompt_embeds, negative, advantages, self.kl_weights(prompts))
             train_stats = self.train_on(batch, epoch)
         metrics.update({f"train/{k}": v for k, v in train_stats.items()})
         elapsed = time.perf_counter() - t0
