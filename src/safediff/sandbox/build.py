@@ -53,8 +53,9 @@ BUILD_CONFIG: dict[str, Any] = {
         "warmup_steps": 100,
         "ema_decay": 0.995,
         # train_diffusion.GlyphKeep: 1.0 / 1.0 (every unsafe caption drawn with its glyph) is
-        # what the shipped model saw; lower values (--glyph-keep-implicit/-explicit) make such
-        # prompts only tend to draw it, so that GRPO's rollout groups are mixed
+        # what the shipped model's first 5,000 steps saw (its last 1,400: 0.25 / 0.65, the
+        # manifest's command); lower values (--glyph-keep-implicit/-explicit) make such prompts
+        # only tend to draw it, so that GRPO's rollout groups are mixed
         "glyph_keep": {"implicit": 1.0, "explicit": 1.0},
     },
     # the demo's sampler (sandbox-demo preset): DDIM 10 steps, eta 1, CFG 4

@@ -152,7 +152,8 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         type=float,
         metavar="P",
         help="probability that an implicit training caption keeps its glyph in the diffusion "
-        "model's data (default 1.0, as shipped; below 1 the prompts only tend to draw it)",
+        "model's data (default 1.0; below 1 the prompts only tend to draw it; the shipped model "
+        "was continued at 0.25, see its manifest command)",
     )
     b.add_argument(
         "--glyph-keep-explicit",
