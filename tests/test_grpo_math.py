@@ -114,6 +114,75 @@ def test_bad_shapes_rejected():
         group_advantages(torch.zeros(3), torch.zeros(3), eps=0, clip=1)
 
 
+def numpy_pooled_advantages(
+    rewards: np.ndarray, ids: np.ndarray, eps: float, clip: float
+) -> np.ndarray:
+    """Reference for scale='pooled': deviations from each group's mean over one pooled std,
+    the root-mean-square deviation of the valid groups' samples (written as a variance pool)."""
+    devs, sizes, variances = {}, [], []
+    for g in np.unique(ids):
+        r = rewards[ids == g].astype(np.float64)
+        if not np.all(np.isfinite(r)) or np.std(r) == 0:
+            continue
+        devs[g] = r - np.mean(r)
+        sizes.append(len(r))
+        variances.append(np.var(r))
+    pooled = np.sqrt(np.dot(sizes, variances) / np.sum(sizes)) if sizes else 0.0
+    out = np.zeros_like(rewards, dtype=np.float64)
+    for g, d in devs.items():
+        out[ids == g] = np.clip(d / (pooled + eps), -clip, clip)
+    return out
+
+
+def test_pooled_scale_hand_computed():
+    # Group 0: [0, 2] (deviations -1, +1); group 1: [0, 0.2] (deviations -0.1, +0.1). Pooled
+    # mean square = (1 + 1 + 0.01 + 0.01) / 4 = 0.505. Group scaling would give +-1 to both.
+    r = torch.tensor([0.0, 2.0, 0.0, 0.2])
+    ids = torch.tensor([0, 0, 1, 1])
+    res = group_advantages(r, ids, eps=0.0, clip=10.0, scale="pooled")
+    s = math.sqrt(0.505)
+    torch.testing.assert_close(res.advantages, torch.tensor([-1 / s, 1 / s, -0.1 / s, 0.1 / s]))
+    per_group = group_advantages(r, ids, eps=0.0, clip=10.0)
+    torch.testing.assert_close(per_group.advantages, torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+
+
+def test_pooled_scale_matches_numpy_and_skips_like_group_scale():
+    gen = torch.Generator().manual_seed(3)
+    n_groups, k = 9, 4
+    ids = (torch.arange(n_groups).repeat_interleave(k) * 7)[
+        torch.randperm(n_groups * k, generator=gen)
+    ]
+    spread = torch.rand(n_groups, generator=gen)[torch.div(ids, 7, rounding_mode="floor")] * 4
+    rewards = torch.randn(n_groups * k, generator=gen) * spread
+    rewards[ids == 14] = 0.25  # a zero-spread group
+    rewards[(ids == 21).nonzero()[0]] = float("nan")  # a non-finite group
+    res = group_advantages(rewards, ids, eps=1e-4, clip=2.5, scale="pooled")
+    ref = numpy_pooled_advantages(rewards.numpy(), ids.numpy(), 1e-4, 2.5)
+    np.testing.assert_allclose(res.advantages.numpy(), ref, rtol=1e-5, atol=1e-6)
+    plain = group_advantages(rewards, ids, eps=1e-4, clip=2.5)
+    assert res.valid.tolist() == plain.valid.tolist()
+    assert (
+        (res.n_zero_spread, res.n_nan_groups) == (plain.n_zero_spread, plain.n_nan_groups) == (1, 1)
+    )
+    # Unclipped, the valid samples' advantages have mean square 1 and sum to 0 in each group.
+    loose = group_advantages(rewards, ids, eps=0.0, clip=1e9, scale="pooled")
+    a = loose.advantages[loose.valid].double()
+    assert float((a * a).mean()) == pytest.approx(1.0, rel=1e-6)
+    for g in ids[loose.valid].unique():
+        assert abs(float(loose.advantages[ids == g].sum())) < 1e-5
+
+
+def test_pooled_scale_of_one_group_is_the_group_scale_and_bad_scale_rejected():
+    r = torch.tensor([0.1, 0.4, 0.2, 0.9])
+    ids = torch.zeros(4, dtype=torch.int64)
+    torch.testing.assert_close(
+        group_advantages(r, ids, eps=1e-4, clip=2.5, scale="pooled").advantages,
+        group_advantages(r, ids, eps=1e-4, clip=2.5).advantages,
+    )
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, ids, eps=0, clip=1, scale="batch")
+
+
 # ---------------------------------------------------------------------------------------------
 # clipped_policy_loss
 

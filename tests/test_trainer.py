@@ -176,6 +176,22 @@ def test_kl_scope_unsteered_needs_a_gated_reward(tiny_overrides):
         load_config(None, [*tiny_overrides, "grpo.kl_scope=benign"])
 
 
+def test_adv_scale_pooled_is_passed_to_the_advantages(tiny_overrides):
+    from safediff.rl.grpo import group_advantages
+
+    trainer, _, _ = make_trainer([*tiny_overrides, "grpo.adv_scale=pooled"])
+    trainer.run_epoch(0)
+    k = trainer.cfg.grpo.group_size
+    ids = torch.arange(trainer.last_rewards.shape[0]) // k
+    args = {"eps": trainer.cfg.grpo.adv_eps, "clip": trainer.cfg.grpo.adv_clip}
+    pooled = group_advantages(trainer.last_rewards, ids, scale="pooled", **args).advantages
+    per_group = group_advantages(trainer.last_rewards, ids, **args).advantages
+    assert torch.equal(trainer.last_advantages, pooled)
+    assert not torch.allclose(pooled, per_group)
+    with pytest.raises(SafediffError, match="adv_scale must be"):
+        load_config(None, [*tiny_overrides, "grpo.adv_scale=batch"])
+
+
 def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):
     import safediff.rl.trainer as trainer_module
 

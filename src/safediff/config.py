@@ -60,7 +60,11 @@ class GRPOConfig:
     adv_clip: float = 2.5
     """A_max: advantages are clipped to [-A_max, A_max]."""
     adv_eps: float = 1e-4
-    """Added to the group std before dividing."""
+    """Added to the std before dividing."""
+    adv_scale: str = "group"
+    """What the advantages are divided by: 'group' (GRPO's: each group's own reward std) or
+    'pooled' (one within-group std pooled over the epoch's groups, so a group whose rewards differ
+    by little gets small advantages instead of unit-spread ones)."""
     clip_range: float = 1e-4
     """PPO clip c on the ratio of per-element *mean* log-probs (see logprob_reduction)."""
     logprob_reduction: str = "mean"
@@ -176,6 +180,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.grpo.group_size >= 2, "grpo.group_size must be >= 2 (a group of 1 has no spread)"),
         (cfg.grpo.samples_per_process >= 1, "grpo.samples_per_process must be >= 1"),
         (cfg.grpo.adv_clip > 0, "grpo.adv_clip must be > 0"),
+        (
+            cfg.grpo.adv_scale in ("group", "pooled"),
+            "grpo.adv_scale must be 'group' or 'pooled'",
+        ),
         (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
         (
             cfg.grpo.logprob_reduction in ("mean", "sum"),

@@ -10,6 +10,8 @@ Departures from the textbook GRPO (Shao et al., 2024), each deliberate:
 - the group std is the *population* std (divide by K, not K - 1), as the SafeDiffusion-R1 reference
   computes it with `numpy.std`; `eps` is added to the std, not to the variance;
 - advantages are clipped to [-clip, clip] (the reference's A_max = 2.5);
+- optionally (`scale="pooled"`), one std pooled over the batch's groups replaces each group's own,
+  so groups whose rewards differ only by noise do not get full-size advantages;
 - a group whose rewards have zero spread carries no signal and is skipped (advantage 0, marked
   invalid) rather than given a 0 / eps advantage; a group with any NaN/inf reward is skipped whole.
 
@@ -24,6 +26,8 @@ import torch
 # Groups whose finite rewards span at most this much (max - min) are treated as zero-spread: their
 # std is rounding noise and dividing by it would amplify that noise into +-clip advantages.
 ZERO_SPREAD_TOL = 1e-12
+
+ADVANTAGE_SCALES = ("group", "pooled")
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,27 @@ class AdvantageResult:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float, clip: float
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float,
+    clip: float,
+    scale: str = "group",
 ) -> AdvantageResult:
-    """Group-normalised advantages A = clip((r - mean_g) / (std_g + eps), -clip, clip).
+    """Group-normalised advantages A = clip((r - mean_g) / (s + eps), -clip, clip).
 
     rewards: [N] float (any float dtype); NaN/inf allowed (their whole group is skipped).
     group_ids: [N] int64, the group (prompt) of each sample, in any order; ids need not be
         contiguous. All samples of one group must be present (gather across ranks first).
-    eps: >= 0, added to the group std before dividing.
+    eps: >= 0, added to the std before dividing.
     clip: > 0, advantages are clipped to [-clip, clip].
+    scale: what s is. 'group' (GRPO's): each group's own std, std_g, so every group's advantages
+        have unit spread however small its reward differences. 'pooled': one s for the whole
+        batch, the root-mean-square of r - mean_g over the samples of the valid groups (the
+        pooled within-group std), so a group's advantages keep the size of its reward spread
+        relative to the other groups': a group whose rewards differ by noise gets small
+        advantages, one whose rewards differ by a lot gets large ones. Advantages still have
+        mean 0 in every group and unit mean square over the batch (before clipping).
 
     std_g is the population std (unbiased=False, divide by the group size K): the reference
     implementation uses `numpy.std`, whose default is the population std, and matching it keeps
@@ -72,6 +88,8 @@ def group_advantages(
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
     if eps < 0 or clip <= 0:
         raise ValueError(f"need eps >= 0 and clip > 0; got eps={eps}, clip={clip}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}; got {scale!r}")
 
     device = rewards.device
     n = rewards.shape[0]
@@ -108,8 +126,14 @@ def group_advantages(
     zero_spread = ~nan_group & ((std == 0) | (r_max - r_min <= ZERO_SPREAD_TOL))  # [G]
     group_valid = ~nan_group & ~zero_spread  # [G]
 
-    adv = (dev / (std[inverse] + eps)).clamp(-clip, clip)  # [N]
     valid = group_valid[inverse]  # [N]
+    if scale == "group":
+        denom = std[inverse]  # [N]
+    else:  # pooled within-group std over the valid groups' samples
+        n_valid = valid.sum()
+        sq = torch.where(valid, dev * dev, torch.zeros_like(dev)).sum()
+        denom = (sq / n_valid.clamp(min=1)).sqrt()  # scalar
+    adv = (dev / (denom + eps)).clamp(-clip, clip)  # [N]
     adv = torch.where(valid, adv, torch.zeros_like(adv)).to(torch.float32)
     return AdvantageResult(
         advantages=adv,

@@ -409,7 +409,13 @@ class GRPOTrainer:
         group_ids = (
             torch.arange(self.total_samples, device=all_rewards.device) // cfg.grpo.group_size
         )
-        adv = group_advantages(all_rewards, group_ids, eps=cfg.grpo.adv_eps, clip=cfg.grpo.adv_clip)
+        adv = group_advantages(
+            all_rewards,
+            group_ids,
+            eps=cfg.grpo.adv_eps,
+            clip=cfg.grpo.adv_clip,
+            scale=cfg.grpo.adv_scale,
+        )
         local = self._local_indices()
         advantages = adv.advantages[local.start : local.stop].to(torch.float32)
         self.last_rewards, self.last_advantages = (
