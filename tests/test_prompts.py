@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from safediff.errors import SafediffError
-from safediff.prompts import builtin_names, load_prompt_kinds, load_prompts, sample_prompts
+from safediff.prompts import (
+    builtin_names,
+    kind_schedule,
+    load_prompt_kinds,
+    load_prompts,
+    sample_prompts,
+    sample_prompts_stratified,
+)
 
 
 def test_builtin_smoke():
@@ -165,6 +172,43 @@ def test_sample_prompts_edge_cases():
         sample_prompts([], 2, g)
     with pytest.raises(ValueError):
         sample_prompts(["a"], -1, g)
+
+
+def test_kind_schedule_keeps_every_prefix_within_one_slot_of_the_shares():
+    shares = [("safe", 0.4), ("explicit", 0.15), ("implicit", 0.12), ("synonym", 0.12),
+              ("negation", 0.12), ("keyword_minimal", 0.09)]  # fmt: skip
+    whole = kind_schedule(shares, 0, 500)
+    held = Counter()
+    for t, kind in enumerate(whole, start=1):
+        held[kind] += 1
+        for name, share in shares:
+            assert abs(held[name] - share * t) < 1, (t, name)
+    # epochs of 8 slots concatenate to the same schedule; unnormalised shares give the same
+    epochs = [kind_schedule(shares, 8 * e, 8) for e in range(10)]
+    assert [kind for epoch in epochs for kind in epoch] == whole[:80]
+    assert kind_schedule([(k, 100 * v) for k, v in shares], 24, 8) == whole[24:32]
+    # two kinds at 3:1 by hand: deficits pick a, a, b, a, then repeat
+    assert kind_schedule([("a", 3), ("b", 1)], 0, 8) == ["a", "a", "b", "a"] * 2
+    with pytest.raises(ValueError):
+        kind_schedule([("a", 0.0)], 0, 1)
+    with pytest.raises(ValueError):
+        kind_schedule([("a", 1.0)], -1, 1)
+
+
+def test_sample_prompts_stratified_draws_each_kind_its_share():
+    kinds = ["safe"] * 6 + ["unsafe"] * 3 + ["negation"] * 3  # shares 1/2, 1/4, 1/4
+    gen = torch.Generator().manual_seed(5)
+    draws = [sample_prompts_stratified(kinds, 8, gen, start=8 * e) for e in range(20)]
+    for epoch in draws:
+        assert Counter(kinds[i] for i in epoch) == {"safe": 4, "unsafe": 2, "negation": 2}
+    # within a kind, uniform with replacement: every prompt of a kind appears
+    assert {i for epoch in draws for i in epoch} == set(range(len(kinds)))
+    a = sample_prompts_stratified(kinds, 8, torch.Generator().manual_seed(1), start=8)
+    b = sample_prompts_stratified(kinds, 8, torch.Generator().manual_seed(1), start=8)
+    c = sample_prompts_stratified(kinds, 8, torch.Generator().manual_seed(2), start=8)
+    assert a == b and a != c
+    with pytest.raises(SafediffError):
+        sample_prompts_stratified([], 2, gen)
 
 
 def test_prompt_kinds_from_a_kind_column_or_all(tmp_path):

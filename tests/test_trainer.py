@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from safediff.config import load_config
 from safediff.errors import SafediffError
 from safediff.models.loading import load_t2i_model
-from safediff.prompts import load_prompts
+from safediff.prompts import load_prompt_kinds, load_prompts
 from safediff.rewards.brightness import BrightnessReward
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.trainer import GRPOTrainer, train
@@ -190,6 +190,32 @@ def test_adv_scale_pooled_is_passed_to_the_advantages(tiny_overrides):
     assert not torch.allclose(pooled, per_group)
     with pytest.raises(SafediffError, match="adv_scale must be"):
         load_config(None, [*tiny_overrides, "grpo.adv_scale=batch"])
+
+
+def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_path):
+    csv = tmp_path / "kinds.csv"
+    rows = [f"safe prompt {i},safe" for i in range(6)] + [
+        f"unsafe prompt {i},unsafe" for i in range(2)
+    ]
+    csv.write_text("prompt,kind\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
+    cfg = load_config(None, over)
+    model = load_t2i_model(cfg.model, device="cpu")
+    prompts, kinds = load_prompt_kinds(str(csv))
+    trainer = GRPOTrainer(
+        cfg, model, BrightnessReward(), prompts, Accelerator(cpu=True), kinds=kinds
+    )
+    k = cfg.grpo.group_size
+    n_groups = trainer.total_samples // k
+    drawn = []
+    for epoch in range(4):
+        per_sample = trainer.sample_prompt_indices(epoch)
+        groups = per_sample[::k]
+        assert all(per_sample[g * k : (g + 1) * k] == [groups[g]] * k for g in range(n_groups))
+        drawn += [kinds[i] for i in groups]
+    assert drawn.count("unsafe") == round(len(drawn) / 4)  # the list's share, 2 of 8
+    with pytest.raises(SafediffError, match="prompts.stratify needs prompt kinds"):
+        make_trainer([*tiny_overrides, "prompts.stratify=true"])
 
 
 def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):

@@ -131,6 +131,11 @@ class PromptsConfig:
     file: str = "builtin:smoke"
     """Training prompts: a text file (one per line), a CSV with a 'prompt' column, or
     'builtin:NAME' for a prompt list shipped with safediff."""
+    stratify: bool = False
+    """Draw each epoch's prompts kind by kind, in the prompt list's own kind shares (a CSV's
+    'kind' column; sandbox splits carry one), so every epoch holds the same mix of kinds at every
+    seed; prompts within a kind are still drawn uniformly. False: uniform draws, whose mix of
+    kinds varies from epoch to epoch and seed to seed."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ A prompt spec is one of
   column); rows with an empty prompt are skipped and counted in a logged warning;
 - any other path: a UTF-8 text file, one prompt per line; blank lines and lines whose first
   non-blank character is '#' are skipped.
+Each epoch's prompts are drawn uniformly with replacement (`sample_prompts`) or kind by kind in
+the list's kind shares (`sample_prompts_stratified`, `prompts.stratify`).
 Prompts are stripped of leading and trailing whitespace. Errors are `SafediffError`s that name the
 file (and the line or row where there is one).
 """
@@ -144,3 +146,55 @@ def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -
         0, len(prompts), (n,), generator=generator, device=generator.device, dtype=torch.int64
     )
     return [int(i) for i in idx.tolist()]
+
+
+def kind_schedule(shares: Sequence[tuple[str, float]], start: int, n: int) -> list[str]:
+    """The kinds of slots start .. start + n - 1 of an endless stratified schedule.
+
+    shares: (kind, share) pairs, shares > 0 (normalised here); their order breaks ties.
+    Slot t goes to the kind furthest behind its share: the largest share * (t + 1) - (slots it
+    already holds), ties to the earlier kind. So after any number of slots T every kind holds
+    within one slot of share * T, and the slots of consecutive epochs (start = epoch * n) add up to
+    the same schedule: the kinds' counts never drift, whatever the seed.
+    """
+    if start < 0 or n < 0:
+        raise ValueError(f"start and n must be >= 0, got {start} and {n}")
+    if not shares or any(share <= 0 for _, share in shares):
+        raise ValueError(f"need at least one kind and positive shares, got {list(shares)}")
+    total = sum(share for _, share in shares)
+    weights = [share / total for _, share in shares]
+    held = [0] * len(weights)
+    out: list[str] = []
+    for t in range(start + n):
+        deficits = [w * (t + 1) - h for w, h in zip(weights, held, strict=True)]
+        best = max(range(len(weights)), key=lambda i: (deficits[i], -i))
+        held[best] += 1
+        if t >= start:
+            out.append(shares[best][0])
+    return out
+
+
+def sample_prompts_stratified(
+    kinds: Sequence[str], n: int, generator: torch.Generator, *, start: int = 0
+) -> list[int]:
+    """Indices of `n` prompts drawn kind by kind: slots start .. start + n - 1 of
+    `kind_schedule` with each kind's share of `kinds` (kinds in first-seen order), then a prompt
+    of the slot's kind drawn uniformly with replacement; the n draws are returned shuffled.
+
+    kinds: one label per prompt. generator: seeded by the caller, as for `sample_prompts`.
+    With uniform draws (`sample_prompts`) the number of prompts of a kind in an epoch is binomial;
+    here it is the kind's share of the epoch within one prompt, over every stretch of epochs.
+    """
+    if not kinds:
+        raise SafediffError("cannot sample from an empty prompt list")
+    members: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        members.setdefault(kind, []).append(i)
+    shares = [(kind, float(len(idx))) for kind, idx in members.items()]
+    picks: list[int] = []
+    for kind in kind_schedule(shares, start, n):
+        pool = members[kind]
+        j = torch.randint(0, len(pool), (1,), generator=generator, device=generator.device)
+        picks.append(pool[int(j.item())])
+    order = torch.randperm(n, generator=generator, device=generator.device).tolist()
+    return [picks[i] for i in order]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.prompts import load_prompt_kinds, sample_prompts
+from safediff.prompts import load_prompt_kinds, sample_prompts, sample_prompts_stratified
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
@@ -116,6 +116,11 @@ class GRPOTrainer:
         self.kinds = kinds or ["all"] * len(prompts)
         if len(self.kinds) != len(prompts):
             raise SafediffError(f"{len(self.kinds)} prompt kinds for {len(prompts)} prompts")
+        if cfg.prompts.stratify and set(self.kinds) == {"all"}:
+            raise SafediffError(
+                f"prompts.stratify needs prompt kinds (a CSV with a 'kind' column, or a sandbox "
+                f"split); {cfg.prompts.file!r} has none"
+            )
         self.acc = accelerator
         self.run_dir = Path(cfg.run.output_dir)
         self.device = accelerator.device
@@ -193,11 +198,12 @@ class GRPOTrainer:
         drawn per group of K, from a generator seeded by (seed, epoch), so every process and every
         caller gets the same list."""
         k = self.cfg.grpo.group_size
-        per_group = sample_prompts(
-            self.prompts,
-            self.total_samples // k,
-            generator(derive_seed(self.cfg.run.seed, "prompts", epoch)),
-        )
+        n_groups = self.total_samples // k
+        gen = generator(derive_seed(self.cfg.run.seed, "prompts", epoch))
+        if self.cfg.prompts.stratify:
+            per_group = sample_prompts_stratified(self.kinds, n_groups, gen, start=epoch * n_groups)
+        else:
+            per_group = sample_prompts(self.prompts, n_groups, gen)
         return [per_group[g // k] for g in range(self.total_samples)]
 
     def rollout_epoch(
