@@ -70,6 +70,9 @@ def variant_config(change: dict) -> dict:
     reward = change.get("reward")
     if reward and reward.get("replace"):
         data["reward"] = {"name": reward["name"], "params": reward["params"]}
+        # A reward without a gate steers no prompt: the preset's KL on unsteered prompts is then a
+        # KL on every prompt, which the trainer spells 'all' (it refuses 'unsteered' without a gate)
+        data["grpo"]["kl_scope"] = "all"
     elif reward:
         data["reward"]["params"] = {**data["reward"]["params"], **reward["params"]}
     return data

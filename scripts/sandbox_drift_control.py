@@ -55,6 +55,7 @@ def main() -> None:
     data = read_yaml(PRESET)
     name = RandomReward.name if args.reward == "random" else "brightness"
     data["reward"] = {"name": name, "params": {}}
+    data["grpo"]["kl_scope"] = "all"  # no gate: the KL holds every prompt, as 'unsteered' would
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     preset = out / "preset.yaml"
