@@ -14,6 +14,8 @@ from safediff.prompts import load_prompt_kinds, load_prompts
 from safediff.rewards.brightness import BrightnessReward
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.trainer import GRPOTrainer, train
+from safediff.sampling.ddim import gaussian_kl
+from safediff.sampling.rollout import transition_log_prob
 
 
 class ConstReward:
@@ -167,6 +169,49 @@ def test_kl_scope_unsteered_weights_each_sample_by_one_minus_its_gate(tiny_overr
     p_held, p_whole = _params(held), _params(whole)
     assert all(torch.equal(p_held[n], p_whole[n]) for n in p_whole)
     assert not all(torch.equal(p_held[n], p_free[n]) for n in p_free)
+
+
+def test_kl_scope_unsteered_runs_the_reference_only_on_unsteered_transitions(tiny_overrides):
+    kl = [*tiny_overrides, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered", "grpo.inner_epochs=2"]
+    trainer, _, _ = make_trainer(kl, reward=GatedBrightness())
+    drawn = [trainer.prompts[i] for i in trainer.sample_prompt_indices(0)]
+    trainer.reward.steered = {drawn[0]}  # the epoch's first group steered, the rest not
+    weights = trainer.kl_weights(drawn)
+    assert 0 < int((weights > 0).sum()) < len(weights)
+
+    def full_reference_kl(out, common, kl_weights, j):
+        # the plain formula: the reference on every transition, then the weights
+        with torch.no_grad(), trainer._reference() as ref:
+            ref_out = transition_log_prob(ref, **common)
+        return gaussian_kl(out.mean, ref_out.mean, out.std, reduction="mean") * kl_weights[j]
+
+    counted = []  # batch rows of every reference UNet call
+    trainer.ref_unet.register_forward_hook(lambda m, args, out: counted.append(args[0].shape[0]))
+    compared = []
+    fast_kl_term = trainer._kl_term
+
+    def both(out, common, kl_weights, j):
+        before = len(counted)
+        fast = fast_kl_term(out, common, kl_weights, j)
+        fast_rows = sum(counted[before:])
+        plain = full_reference_kl(out, common, kl_weights, j)
+        g_fast = torch.autograd.grad(fast.sum(), out.mean, retain_graph=True)[0]
+        g_plain = torch.autograd.grad(plain.sum(), out.mean, retain_graph=True)[0]
+        compared.append((fast.detach(), plain.detach(), g_fast, g_plain, kl_weights[j], fast_rows))
+        return fast
+
+    trainer._kl_term = both
+    metrics = trainer.run_epoch(0)
+    assert metrics["train/kl"] > 0 and compared
+    for fast, plain, g_fast, g_plain, w, fast_rows in compared:
+        # equal up to float32 noise: the reference sees a smaller batch (KL up to ~10 here, its
+        # gradient up to ~1.6; the paths differ by ~1e-6)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+        assert torch.all(fast[w == 0] == 0)
+        # CFG: one batched UNet call on [uncond, cond], two rows per unsteered transition
+        assert fast_rows == 2 * int((w > 0).sum())
+    assert any(int((c[4] == 0).sum()) > 0 for c in compared)  # some transitions were skipped
 
 
 def test_kl_scope_unsteered_needs_a_gated_reward(tiny_overrides):

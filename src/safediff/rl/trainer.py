@@ -44,7 +44,7 @@ from safediff.prompts import load_prompt_kinds, sample_prompts, sample_prompts_s
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
-from safediff.sampling.ddim import gaussian_kl, step_std
+from safediff.sampling.ddim import DDIMStepOutput, gaussian_kl, step_std
 from safediff.sampling.rollout import Trajectory, rollout, transition_log_prob
 from safediff.seeding import derive_seed, generator
 
@@ -361,11 +361,7 @@ class GRPOTrainer:
         per, pstats = clipped_policy_loss(out.log_prob, old, adv, cfg.grpo.clip_range)
         kl_mean = 0.0
         if cfg.grpo.kl_coef > 0:
-            with torch.no_grad(), self.acc.autocast(), self._reference() as ref:
-                ref_out = transition_log_prob(ref, **common)
-            kl = gaussian_kl(out.mean, ref_out.mean, out.std, reduction=cfg.grpo.logprob_reduction)
-            if batch.kl_weights is not None:
-                kl = kl * batch.kl_weights[j].to(dev, kl.dtype)
+            kl = self._kl_term(out, common, batch.kl_weights, j)
             per = per + cfg.grpo.kl_coef * kl
             kl_mean = float(kl.detach().mean())
         loss = per.sum() / n_chunk
@@ -377,6 +373,36 @@ class GRPOTrainer:
             "ratio_max_dev": pstats.ratio_max_dev,
         }
         return loss, mstats
+
+    def _kl_term(
+        self,
+        out: DDIMStepOutput,
+        common: dict[str, Any],
+        kl_weights: torch.Tensor | None,
+        j: torch.Tensor,
+    ) -> torch.Tensor:
+        """Weighted KL to the reference policy per transition [M]. The reference UNet runs only on
+        the transitions whose weight is positive (with kl_scope 'unsteered', the steered prompts'
+        transitions weigh 0 and skip it); the others get a KL of exactly 0."""
+        reduction = self.cfg.grpo.logprob_reduction
+        m = out.mean.shape[0]
+        w = None if kl_weights is None else kl_weights[j].to(out.mean.device, torch.float32)
+        rows = None if w is None or bool((w > 0).all()) else (w > 0).nonzero().flatten()
+        if rows is not None and rows.numel() == 0:
+            return out.mean.new_zeros(m)
+        ref_args = common
+        if rows is not None:
+            ref_args = dict(common)
+            for key in ("x_t", "x_prev", "t", "t_prev", "cond", "uncond"):
+                if common[key] is not None:
+                    ref_args[key] = common[key][rows.to(common[key].device)]
+        with torch.no_grad(), self.acc.autocast(), self._reference() as ref:
+            ref_out = transition_log_prob(ref, **ref_args)
+        if rows is None:
+            kl = gaussian_kl(out.mean, ref_out.mean, out.std, reduction=reduction)
+            return kl if w is None else kl * w
+        kl_rows = gaussian_kl(out.mean[rows], ref_out.mean, out.std[rows], reduction=reduction)
+        return out.mean.new_zeros(m).scatter(0, rows, kl_rows * w[rows])
 
     @contextlib.contextmanager
     def _reference(self):
