@@ -178,4 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_entry() -> None:
+    from safediff.malloc_tuning import tune_malloc
+
+    tune_malloc()  # the console command only: a library import leaves the process's malloc alone
     sys.exit(main())
