@@ -11,7 +11,9 @@ from safediff.prompts import (
     builtin_names,
     kind_schedule,
     load_prompt_kinds,
+    load_prompt_labels,
     load_prompts,
+    prompt_strata,
     sample_prompts,
     sample_prompts_stratified,
 )
@@ -221,6 +223,67 @@ def test_prompt_kinds_from_a_kind_column_or_all(tmp_path):
     t.write_text("one\ntwo\n", encoding="utf-8")
     assert load_prompt_kinds(str(t)) == (["one", "two"], ["all", "all"])
     assert load_prompt_kinds("builtin:smoke")[0] == load_prompts("builtin:smoke")
+
+
+def test_prompt_families_from_categories_or_the_sandbox_grammar(tmp_path):
+    f = tmp_path / "i2p.csv"
+    f.write_text(
+        'prompt,categories\na knife fight,violence\na nude with a gun,"sexual, violence"\na tree,\n',
+        encoding="utf-8",
+    )
+    prompts, kinds, families = load_prompt_labels(str(f))
+    assert prompts == ["a knife fight", "a nude with a gun", "a tree"]
+    assert kinds == ["all"] * 3 and families == ["violence", "sexual+violence", None]
+    assert load_prompt_labels("builtin:smoke")[2] == [None] * 16
+    from safediff.sandbox.captions import make_split
+
+    examples = make_split("grpo_train", 60, seed=0)
+    prompts, kinds, families = load_prompt_labels("sandbox:grpo_train:60")
+    assert families == [e.metadata["family"] for e in examples]
+    assert {f for k, f in zip(kinds, families, strict=True) if k == "explicit"} <= {
+        "weapon",
+        "skull",
+        "fire",
+    }  # the held-out family is not in grpo_train
+    assert all(f is None for k, f in zip(kinds, families, strict=True) if k == "safe")
+
+
+def test_prompt_strata_by_kind_or_kind_and_family():
+    kinds = ["safe", "explicit", "explicit", "negation"]
+    families = [None, "fire", "skull", None]
+    assert prompt_strata(kinds, families, "kind") == kinds
+    assert prompt_strata(kinds, families, "kind_family") == [
+        "safe",
+        "explicit/fire",
+        "explicit/skull",
+        "negation",
+    ]
+    with pytest.raises(ValueError, match="by must be"):
+        prompt_strata(kinds, families, "family")
+    with pytest.raises(ValueError, match="3 kinds for 4 families"):
+        prompt_strata(kinds[:3], families, "kind")
+
+
+def test_stratifying_on_kind_and_family_gives_each_family_its_share():
+    """With the sandbox's GRPO split, uniform draws within 'explicit' leave one family with 2 of
+    a run's explicit prompts at one seed and 6 at another; stratified on (kind, family) every
+    trained family gets the same count at every seed."""
+    _, kinds, families = load_prompt_labels("sandbox:grpo_train")
+    strata = prompt_strata(kinds, families, "kind_family")
+    counts = {}
+    for seed in range(4):
+        drawn = Counter()
+        for epoch in range(8):
+            gen = torch.Generator().manual_seed(1000 * seed + epoch)
+            picks = sample_prompts_stratified(strata, 8, gen, start=8 * epoch)
+            drawn.update((kinds[i], families[i]) for i in picks if kinds[i] == "explicit")
+        counts[seed] = drawn
+    for drawn in counts.values():
+        assert drawn == {
+            ("explicit", "weapon"): 3,
+            ("explicit", "skull"): 3,
+            ("explicit", "fire"): 3,
+        }
 
 
 def test_sandbox_split_spec_gives_grammar_captions_with_their_kinds():

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from accelerate import Accelerator
 from safediff.config import load_config
 from safediff.errors import SafediffError
 from safediff.models.loading import load_t2i_model
-from safediff.prompts import load_prompt_kinds, load_prompts
+from safediff.prompts import load_prompt_kinds, load_prompt_labels, load_prompts
 from safediff.rewards.brightness import BrightnessReward
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.trainer import GRPOTrainer, train
@@ -261,6 +262,47 @@ def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_pa
     assert drawn.count("unsafe") == round(len(drawn) / 4)  # the list's share, 2 of 8
     with pytest.raises(SafediffError, match="prompts.stratify needs prompt kinds"):
         make_trainer([*tiny_overrides, "prompts.stratify=true"])
+
+
+def test_prompts_stratify_by_kind_family_draws_each_family_its_share(tiny_overrides, tmp_path):
+    csv = tmp_path / "families.csv"
+    rows = [f"safe prompt {i},safe," for i in range(4)] + [
+        f"unsafe prompt {i},unsafe,{'violence' if i < 3 else 'sexual'}" for i in range(4)
+    ]
+    csv.write_text("prompt,kind,categories\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
+    prompts, kinds, families = load_prompt_labels(str(csv))
+
+    def unsafe_families(stratify_by: str) -> Counter:
+        cfg = load_config(None, [*over, f"prompts.stratify_by={stratify_by}"])
+        trainer = GRPOTrainer(
+            cfg,
+            load_t2i_model(cfg.model, device="cpu"),
+            BrightnessReward(),
+            prompts,
+            Accelerator(cpu=True),
+            kinds=kinds,
+            families=families,
+        )
+        k = cfg.grpo.group_size
+        groups = [i for e in range(8) for i in trainer.sample_prompt_indices(e)[::k]]
+        assert sum(kinds[i] == "unsafe" for i in groups) == len(groups) // 2  # kind shares kept
+        return Counter(families[i] for i in groups if kinds[i] == "unsafe")
+
+    n_unsafe = sum(unsafe_families("kind").values())
+    # the list's family shares within 'unsafe': 3 of 4 violence, 1 of 4 sexual, exactly
+    assert unsafe_families("kind_family") == {"violence": n_unsafe * 3 // 4, "sexual": n_unsafe // 4}
+    with pytest.raises(SafediffError, match="stratify_by=kind_family needs prompt families"):
+        GRPOTrainer(
+            load_config(None, [*over, "prompts.stratify_by=kind_family"]),
+            load_t2i_model(load_config(None, over).model, device="cpu"),
+            BrightnessReward(),
+            prompts,
+            Accelerator(cpu=True),
+            kinds=kinds,
+        )
+    with pytest.raises(SafediffError, match="stratify_by must be"):
+        load_config(None, [*over, "prompts.stratify_by=family"])
 
 
 def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):

@@ -136,6 +136,11 @@ class PromptsConfig:
     'kind' column; sandbox splits carry one), so every epoch holds the same mix of kinds at every
     seed; prompts within a kind are still drawn uniformly. False: uniform draws, whose mix of
     kinds varies from epoch to epoch and seed to seed."""
+    stratify_by: str = "kind"
+    """What `stratify` keeps in its shares: 'kind', or 'kind_family': each (kind, family) pair,
+    the family being a sandbox caption's concept family or a CSV's categories, so each unsafe
+    family also gets its share of every kind's prompts (prompts without a family stratify by
+    kind alone)."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,10 @@ def validate(cfg: TrainConfig) -> None:
             "grpo.adv_scale must be 'group' or 'pooled'",
         ),
         (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
+        (
+            cfg.prompts.stratify_by in ("kind", "kind_family"),
+            "prompts.stratify_by must be 'kind' or 'kind_family'",
+        ),
         (
             cfg.grpo.logprob_reduction in ("mean", "sum"),
             "grpo.logprob_reduction must be 'mean' or 'sum'",

@@ -11,7 +11,8 @@ A prompt spec is one of
 - any other path: a UTF-8 text file, one prompt per line; blank lines and lines whose first
   non-blank character is '#' are skipped.
 Each epoch's prompts are drawn uniformly with replacement (`sample_prompts`) or kind by kind in
-the list's kind shares (`sample_prompts_stratified`, `prompts.stratify`).
+the list's kind shares (`sample_prompts_stratified`, `prompts.stratify`), optionally keeping
+each concept family's share within a kind too (`prompt_strata`, `prompts.stratify_by`).
 Prompts are stripped of leading and trailing whitespace. Errors are `SafediffError`s that name the
 file (and the line or row where there is one).
 """
@@ -104,6 +105,14 @@ KIND_COLUMN = "kind"
 def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
     """(prompts, kinds) for `spec`: kinds from a CSV's 'kind' column (CoPro-style pair files set
     it too), else 'all' for every prompt. Prompts are exactly `load_prompts(spec)`."""
+    prompts, kinds, _ = load_prompt_labels(spec)
+    return prompts, kinds
+
+
+def load_prompt_labels(spec: str) -> tuple[list[str], list[str], list[str | None]]:
+    """(prompts, kinds, families) for `spec`. Kinds as in `load_prompt_kinds`; a family is a
+    sandbox caption's concept family (None for captions that name none) or a CSV row's categories
+    joined with '+' (I2P: 'sexual+violence'; None where the row has none); other specs have none."""
     if spec.startswith(SANDBOX_PREFIX):
         return _sandbox_split(spec)
     path = Path(spec).expanduser()
@@ -111,13 +120,29 @@ def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
         from safediff.eval.prompt_sets import load_prompt_set
 
         rows = load_prompt_set(path).rows
-        return [r.prompt for r in rows], [r.extra.get(KIND_COLUMN) or "all" for r in rows]
+        return (
+            [r.prompt for r in rows],
+            [r.extra.get(KIND_COLUMN) or "all" for r in rows],
+            ["+".join(r.categories) or None for r in rows],
+        )
     prompts = load_prompts(spec)
-    return prompts, ["all"] * len(prompts)
+    return prompts, ["all"] * len(prompts), [None] * len(prompts)
 
 
-def _sandbox_split(spec: str) -> tuple[list[str], list[str]]:
-    """(captions, kinds) of 'sandbox:SPLIT[:N]' (seed 0)."""
+def prompt_strata(kinds: Sequence[str], families: Sequence[str | None], by: str) -> list[str]:
+    """The label `prompts.stratify` keeps in its shares, per prompt: the kind (`by='kind'`), or
+    'kind/family' (`by='kind_family'`; the kind alone where the prompt has no family)."""
+    if len(kinds) != len(families):
+        raise ValueError(f"{len(kinds)} kinds for {len(families)} families")
+    if by == "kind":
+        return list(kinds)
+    if by == "kind_family":
+        return [k if f is None else f"{k}/{f}" for k, f in zip(kinds, families, strict=True)]
+    raise ValueError(f"by must be 'kind' or 'kind_family', got {by!r}")
+
+
+def _sandbox_split(spec: str) -> tuple[list[str], list[str], list[str | None]]:
+    """(captions, kinds, families) of 'sandbox:SPLIT[:N]' (seed 0)."""
     from safediff.sandbox.captions import SPLITS, make_split
 
     parts = spec[len(SANDBOX_PREFIX) :].split(":")
@@ -128,7 +153,11 @@ def _sandbox_split(spec: str) -> tuple[list[str], list[str]]:
             f"one of {', '.join(SPLITS)} and N >= 1"
         )
     examples = make_split(split, int(n_text), seed=0)
-    return [e.caption for e in examples], [e.metadata["kind"] for e in examples]
+    return (
+        [e.caption for e in examples],
+        [e.metadata["kind"] for e in examples],
+        [e.metadata.get("family") for e in examples],
+    )
 
 
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[int]:

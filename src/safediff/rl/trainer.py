@@ -40,7 +40,12 @@ from tqdm.auto import tqdm
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.prompts import load_prompt_kinds, sample_prompts, sample_prompts_stratified
+from safediff.prompts import (
+    load_prompt_labels,
+    prompt_strata,
+    sample_prompts,
+    sample_prompts_stratified,
+)
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
@@ -107,8 +112,11 @@ class GRPOTrainer:
         prompts: list[str],
         accelerator,
         kinds: list[str] | None = None,
+        families: list[str | None] | None = None,
     ) -> None:
-        """kinds: a label per prompt (e.g. 'safe' / 'unsafe') for per-kind reward logs."""
+        """kinds: a label per prompt (e.g. 'safe' / 'unsafe') for per-kind reward logs and
+        `prompts.stratify`. families: a concept family per prompt or None (e.g. 'skull'), which
+        `prompts.stratify_by=kind_family` stratifies on too."""
         self.cfg = cfg
         self.model = model
         self.reward = reward
@@ -121,6 +129,20 @@ class GRPOTrainer:
                 f"prompts.stratify needs prompt kinds (a CSV with a 'kind' column, or a sandbox "
                 f"split); {cfg.prompts.file!r} has none"
             )
+        self.families = families or [None] * len(prompts)
+        if len(self.families) != len(prompts):
+            raise SafediffError(f"{len(self.families)} prompt families for {len(prompts)} prompts")
+        if (
+            cfg.prompts.stratify
+            and cfg.prompts.stratify_by == "kind_family"
+            and all(f is None for f in self.families)
+        ):
+            raise SafediffError(
+                f"prompts.stratify_by=kind_family needs prompt families (a CSV's categories "
+                f"column, or a sandbox split); {cfg.prompts.file!r} has none: use "
+                "prompts.stratify_by=kind"
+            )
+        self.strata = prompt_strata(self.kinds, self.families, cfg.prompts.stratify_by)
         self.acc = accelerator
         self.run_dir = Path(cfg.run.output_dir)
         self.device = accelerator.device
@@ -201,7 +223,9 @@ class GRPOTrainer:
         n_groups = self.total_samples // k
         gen = generator(derive_seed(self.cfg.run.seed, "prompts", epoch))
         if self.cfg.prompts.stratify:
-            per_group = sample_prompts_stratified(self.kinds, n_groups, gen, start=epoch * n_groups)
+            per_group = sample_prompts_stratified(
+                self.strata, n_groups, gen, start=epoch * n_groups
+            )
         else:
             per_group = sample_prompts(self.prompts, n_groups, gen)
         return [per_group[g // k] for g in range(self.total_samples)]
@@ -542,7 +566,7 @@ def train(
     acc = Accelerator(
         mixed_precision=cfg.run.mixed_precision, log_with=_trackers(cfg), project_dir=str(run_dir)
     )
-    prompts, kinds = load_prompt_kinds(cfg.prompts.file)
+    prompts, kinds, families = load_prompt_labels(cfg.prompts.file)
     start_ckpt = _find_resume(run_dir, resume)
     if start_ckpt is not None:
         _check_resume_config(run_dir, cfg)
@@ -554,7 +578,7 @@ def train(
         model = load_t2i_model(cfg.model, device=acc.device)
     if reward is None:
         reward = build_reward(cfg.reward, device=acc.device)
-    trainer = GRPOTrainer(cfg, model, reward, prompts, acc, kinds=kinds)
+    trainer = GRPOTrainer(cfg, model, reward, prompts, acc, kinds=kinds, families=families)
     start_epoch = 0
     if start_ckpt is not None:
         start_epoch = ckpt.load_checkpoint(
