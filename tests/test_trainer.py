@@ -222,6 +222,46 @@ def test_kl_scope_unsteered_needs_a_gated_reward(tiny_overrides):
         load_config(None, [*tiny_overrides, "grpo.kl_scope=benign"])
 
 
+def test_pg_scope_steered_trains_only_the_steered_prompts_policy_gradient(tiny_overrides):
+    over = [*tiny_overrides, "grpo.pg_scope=steered", "optim.weight_decay=0"]
+    trainer, _, _ = make_trainer(over, reward=GatedBrightness())
+    drawn = [trainer.prompts[i] for i in trainer.sample_prompt_indices(0)]
+    trainer.reward.steered = {drawn[0]}  # the epoch's first group steered, the rest not
+    seen = []
+    train_on = trainer.train_on
+    trainer.train_on = lambda batch, epoch: seen.append(batch.advantages) or train_on(batch, epoch)
+    metrics = trainer.run_epoch(0)
+    steered = torch.tensor([p == drawn[0] for p in drawn])
+    assert 0 < int(steered.sum()) < len(drawn)
+    # the group's own advantages where steered (normalised within the group, before weighting)
+    assert torch.equal(seen[0][steered], trainer.last_advantages[steered])
+    assert torch.any(seen[0][steered] != 0) and torch.all(seen[0][~steered] == 0)
+    assert metrics["train/pg_weight_mean"] == float(steered.float().mean())
+
+    # every prompt steered: the same update as pg_scope 'all'
+    prompts = load_prompts(load_config(None, over).prompts.file)
+    scoped, _, _ = make_trainer(over, reward=GatedBrightness(steered=prompts))
+    plain, _, _ = make_trainer([*tiny_overrides, "optim.weight_decay=0"], reward=GatedBrightness())
+    scoped.run_epoch(0)
+    plain.run_epoch(0)
+    p_scoped, p_plain = _params(scoped), _params(plain)
+    assert all(torch.equal(p_scoped[n], p_plain[n]) for n in p_plain)
+
+    # no prompt steered and no KL: no gradient at all, so no weight moves
+    idle, _, _ = make_trainer(over, reward=GatedBrightness())
+    before = _params(idle)
+    assert idle.run_epoch(0)["train/loss"] == 0.0
+    after = _params(idle)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_pg_scope_steered_needs_a_gated_reward(tiny_overrides):
+    with pytest.raises(SafediffError, match="pg_scope 'steered' needs a reward with a gate"):
+        make_trainer([*tiny_overrides, "grpo.pg_scope=steered"])
+    with pytest.raises(SafediffError, match="pg_scope must be"):
+        load_config(None, [*tiny_overrides, "grpo.pg_scope=unsafe"])
+
+
 def test_adv_scale_pooled_is_passed_to_the_advantages(tiny_overrides):
     from safediff.rl.grpo import group_advantages
 

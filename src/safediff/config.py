@@ -77,6 +77,13 @@ class GRPOConfig:
     1 - w, w the reward's gate weight for its prompt (a reward with `prompt_targets`, i.e. the
     steering reward), so prompts the reward leaves unsteered stay near the reference while
     steered ones move freely."""
+    pg_scope: str = "all"
+    """Which samples the policy-gradient term trains: 'all' (GRPO's), or 'steered': each sample's
+    advantage is multiplied by w, the reward's gate weight for its prompt (as for kl_scope), so
+    prompts the reward does not steer get no policy gradient and, with kl_scope 'unsteered', are
+    held by the KL term alone. A departure from the method, which also trains safe prompts on the
+    plain alignment reward: where that reward is noise to the model (the sandbox's CLIP), its
+    policy gradient is drift."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's denoising steps that are trained, drawn per sample."""
     train_last_step: bool = True
@@ -207,6 +214,10 @@ def validate(cfg: TrainConfig) -> None:
         (
             cfg.grpo.kl_scope in ("all", "unsteered"),
             "grpo.kl_scope must be 'all' or 'unsteered'",
+        ),
+        (
+            cfg.grpo.pg_scope in ("all", "steered"),
+            "grpo.pg_scope must be 'all' or 'steered'",
         ),
         (0 < cfg.grpo.timestep_fraction <= 1, "grpo.timestep_fraction must be in (0, 1]"),
         (cfg.grpo.min_step_std >= 0, "grpo.min_step_std must be >= 0"),

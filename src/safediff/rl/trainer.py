@@ -169,6 +169,11 @@ class GRPOTrainer:
                 f"grpo.kl_scope 'unsteered' needs a reward with a gate (the steering reward); "
                 f"{getattr(reward, 'name', type(reward).__name__)!r} has none"
             )
+        if g.pg_scope == "steered" and not hasattr(reward, "prompt_targets"):
+            raise SafediffError(
+                f"grpo.pg_scope 'steered' needs a reward with a gate (the steering reward); "
+                f"{getattr(reward, 'name', type(reward).__name__)!r} has none"
+            )
         self._setup_model()
 
     # ----------------------------------------------------------------------------- set-up
@@ -275,14 +280,24 @@ class GRPOTrainer:
         gathered = self.acc.gather(local) if self.world > 1 else local
         return local, gathered
 
+    def gate_weights(self, prompts: list[str]) -> torch.Tensor:
+        """The steering reward's gate weight w in [0, 1] per sample [N_local] (1: steered)."""
+        with torch.no_grad():
+            w = self.reward.prompt_targets(prompts)["weight"]
+        return w.detach().float().clamp(0.0, 1.0).cpu()
+
     def kl_weights(self, prompts: list[str]) -> torch.Tensor | None:
         """Per-sample KL weights [N_local] for grpo.kl_scope (None: every sample weighs 1)."""
         g = self.cfg.grpo
         if g.kl_coef == 0 or g.kl_scope == "all":
             return None
-        with torch.no_grad():
-            w = self.reward.prompt_targets(prompts)["weight"]
-        return (1.0 - w.detach().float()).clamp(0.0, 1.0).cpu()
+        return 1.0 - self.gate_weights(prompts)
+
+    def pg_weights(self, prompts: list[str]) -> torch.Tensor | None:
+        """Per-sample policy-gradient weights [N_local] for grpo.pg_scope (None: all 1)."""
+        if self.cfg.grpo.pg_scope == "all":
+            return None
+        return self.gate_weights(prompts)
 
     def train_on(self, batch: EpochBatch, epoch: int) -> dict[str, float]:
         """Inner epochs of clipped-objective updates on the stored transitions."""
@@ -500,6 +515,10 @@ class GRPOTrainer:
             logger.warning("epoch %d: every group was skipped; no update this epoch", epoch)
             train_stats: dict[str, float] = {}
         else:
+            pg_w = self.pg_weights(prompts)
+            if pg_w is not None:  # after normalising: a steered group keeps its own advantages
+                advantages = advantages * pg_w.to(advantages.device)
+                metrics["train/pg_weight_mean"] = float(pg_w.mean())
             batch = EpochBatch(traj, prompt_embeds, negative, advantages, self.kl_weights(prompts))
             train_stats = self.train_on(batch, epoch)
         metrics.update({f"train/{k}": v for k, v in train_stats.items()})
