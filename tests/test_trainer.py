@@ -278,12 +278,16 @@ def test_adv_scale_pooled_is_passed_to_the_advantages(tiny_overrides):
         load_config(None, [*tiny_overrides, "grpo.adv_scale=batch"])
 
 
+def _write_csv(path, header: str, rows: list[str]):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_path):
-    csv = tmp_path / "kinds.csv"
     rows = [f"safe prompt {i},safe" for i in range(6)] + [
         f"unsafe prompt {i},unsafe" for i in range(2)
     ]
-    csv.write_text("prompt,kind\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    csv = _write_csv(tmp_path / "kinds.csv", "prompt,kind", rows)
     over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
     cfg = load_config(None, over)
     model = load_t2i_model(cfg.model, device="cpu")
@@ -305,11 +309,10 @@ def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_pa
 
 
 def test_prompts_stratify_by_kind_family_draws_each_family_its_share(tiny_overrides, tmp_path):
-    csv = tmp_path / "families.csv"
     rows = [f"safe prompt {i},safe," for i in range(4)] + [
         f"unsafe prompt {i},unsafe,{'violence' if i < 3 else 'sexual'}" for i in range(4)
     ]
-    csv.write_text("prompt,kind,categories\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    csv = _write_csv(tmp_path / "families.csv", "prompt,kind,categories", rows)
     over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
     prompts, kinds, families = load_prompt_labels(str(csv))
 
