@@ -440,6 +440,30 @@ def test_resume_with_changed_settings_is_refused(tiny_overrides, tmp_path):
         train(changed, resume="auto")
 
 
+def test_lr_schedule_linear_sets_each_epochs_rate_and_logs_it(tiny_overrides):
+    over = [*tiny_overrides, "run.epochs=4", "optim.lr_schedule=linear", "optim.lr_final=0"]
+    trainer, _, _ = make_trainer(over)
+    for epoch in range(4):
+        metrics = trainer.run_epoch(epoch)
+        want = 1e-3 * (1 - epoch / 4)  # tiny_overrides: optim.lr=1e-3
+        assert metrics["train/lr"] == pytest.approx(want)
+        assert all(g["lr"] == pytest.approx(want) for g in trainer.optimizer.param_groups)
+    with pytest.raises(SafediffError, match="lr_schedule must be"):
+        load_config(None, [*tiny_overrides, "optim.lr_schedule=step"])
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_resumes_only_with_the_same_epochs(tiny_overrides, tmp_path):
+    base = [o for o in tiny_overrides if not o.startswith("run.epochs")]
+    sched = [*base, "optim.lr_schedule=linear", "run.save_every=1"]
+    train(load_config(None, [*sched, "run.epochs=2", "run.stop_after_epochs=1"]))
+    with pytest.raises(SafediffError, match=r"run.epochs was 2, now 3 \(optim.lr_schedule"):
+        train(load_config(None, [*sched, "run.epochs=3"]), resume="auto")
+    summary = train(load_config(None, [*sched, "run.epochs=2"]), resume="auto")
+    assert summary["start_epoch"] == 1 and summary["end_epoch"] == 2
+    assert [m["train/lr"] for m in summary["history"]] == pytest.approx([5e-4])
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_overrides):
     plain, _, _ = make_trainer(tiny_overrides)
     ckpt_on, _, _ = make_trainer([*tiny_overrides, "run.gradient_checkpointing=true"])

@@ -109,6 +109,11 @@ class GRPOConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-5
+    lr_schedule: str = "constant"
+    """'constant', or 'linear': epoch e of run.epochs trains at lr + (lr_final - lr) * e /
+    run.epochs (set once per epoch; a run that uses it cannot be resumed with other run.epochs)."""
+    lr_final: float = 0.0
+    """Where the 'linear' schedule heads (the last epoch stops one epoch's step short of it)."""
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 1e-4
@@ -202,6 +207,11 @@ def validate(cfg: TrainConfig) -> None:
             "grpo.adv_scale must be 'group' or 'pooled'",
         ),
         (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
+        (
+            cfg.optim.lr_schedule in ("constant", "linear"),
+            "optim.lr_schedule must be 'constant' or 'linear'",
+        ),
+        (cfg.optim.lr_final >= 0, "optim.lr_final must be >= 0"),
         (
             cfg.prompts.stratify_by in ("kind", "kind_family"),
             "prompts.stratify_by must be 'kind' or 'kind_family'",

@@ -49,6 +49,7 @@ from safediff.prompts import (
 from safediff.rewards.base import RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
+from safediff.rl.lr_schedule import epoch_lr
 from safediff.sampling.ddim import DDIMStepOutput, gaussian_kl, step_std
 from safediff.sampling.rollout import Trajectory, rollout, transition_log_prob
 from safediff.seeding import derive_seed, generator
@@ -474,6 +475,10 @@ class GRPOTrainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         if hasattr(self.reward, "clear_cache"):
             self.reward.clear_cache()  # prompt targets are cached per epoch
+        o = cfg.optim
+        lr = epoch_lr(o.lr, o.lr_final, o.lr_schedule, epoch, cfg.run.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         traj, prompts, prompt_embeds, negative = self.rollout_epoch(epoch)
         t_rollout = time.perf_counter() - t0
         _local_rewards, all_rewards = self.score(traj, prompts)
@@ -493,7 +498,7 @@ class GRPOTrainer:
             all_rewards.detach().cpu(),
             adv.advantages.detach().cpu(),
         )
-        metrics: dict[str, float] = {"epoch": float(epoch)}
+        metrics: dict[str, float] = {"epoch": float(epoch), "train/lr": lr}
         kinds = [self.kinds[i] for i in self.sample_prompt_indices(epoch)]
         metrics.update(summarize_rewards(all_rewards.cpu(), kinds))
         for kind in set(self.kinds) - {"all"}:  # same keys every epoch, drawn or not
@@ -542,11 +547,13 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     for section, values in saved.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name in RESUMABLE_CHANGES:
+            scheduled = name == "run.epochs" and cfg.optim.lr_schedule != "constant"
+            if name in RESUMABLE_CHANGES and not scheduled:
                 continue
             if now.get(name) != value:
+                why = " (optim.lr_schedule depends on it)" if scheduled else ""
                 raise SafediffError(
-                    f"cannot resume {run_dir}: {name} was {value!r}, now {now.get(name)!r} "
+                    f"cannot resume {run_dir}: {name} was {value!r}, now {now.get(name)!r}{why} "
                     "(use a new run.output_dir, or the same settings)"
                 )
 
