@@ -334,7 +334,10 @@ def test_prompts_stratify_by_kind_family_draws_each_family_its_share(tiny_overri
 
     n_unsafe = sum(unsafe_families("kind").values())
     # the list's family shares within 'unsafe': 3 of 4 violence, 1 of 4 sexual, exactly
-    assert unsafe_families("kind_family") == {"violence": n_unsafe * 3 // 4, "sexual": n_unsafe // 4}
+    assert unsafe_families("kind_family") == {
+        "violence": n_unsafe * 3 // 4,
+        "sexual": n_unsafe // 4,
+    }
     with pytest.raises(SafediffError, match="stratify_by=kind_family needs prompt families"):
         GRPOTrainer(
             load_config(None, [*over, "prompts.stratify_by=kind_family"]),
@@ -462,6 +465,72 @@ def test_a_scheduled_run_resumes_only_with_the_same_epochs(tiny_overrides, tmp_p
     summary = train(load_config(None, [*sched, "run.epochs=2"]), resume="auto")
     assert summary["start_epoch"] == 1 and summary["end_epoch"] == 2
     assert [m["train/lr"] for m in summary["history"]] == pytest.approx([5e-4])
+
+
+def _unet_state(trainer_or_module):
+    module = getattr(trainer_or_module, "bare_unet", lambda: trainer_or_module)()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("kl", ["0", "0.1"])  # base weights from a CPU copy / the KL reference
+def test_merge_weight_interpolates_the_final_unet_with_the_base(tiny_overrides, kl):
+    over = [*tiny_overrides, f"grpo.kl_coef={kl}"]
+    plain, _, _ = make_trainer(over)
+    merged, _, _ = make_trainer([*over, "run.merge_weight=0.25"])
+    base = _unet_state(merged)
+    plain.run_epoch(0)
+    merged.run_epoch(0)
+    trained = _unet_state(plain)
+    assert torch.equal(
+        torch.cat([v.flatten() for v in _unet_state(merged).values()]),
+        torch.cat([v.flatten() for v in trained.values()]),
+    )  # same training
+    final = merged.final_unet()
+    assert final is not merged.bare_unet() and plain.final_unet() is plain.bare_unet()
+    moved = 0
+    for name, value in final.state_dict().items():
+        want = base[name] + 0.25 * (trained[name] - base[name])
+        torch.testing.assert_close(value, want, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(trained[name], base[name])
+    assert moved > 0
+    assert torch.equal(_unet_state(merged)[name], trained[name])  # the trainer's UNet untouched
+
+
+def test_merge_weight_with_lora_scales_the_adapter(tiny_overrides):
+    over = [*tiny_overrides, "lora.enabled=true", "lora.rank=2", "run.merge_weight=0.5"]
+    trainer, _, _ = make_trainer(over)
+    trainer.run_epoch(0)
+    import copy
+
+    full = copy.deepcopy(trainer.bare_unet()).merge_and_unload().state_dict()
+    base = copy.deepcopy(trainer.bare_unet()).unload().state_dict()
+    final = trainer.final_unet().state_dict()
+    assert final.keys() == full.keys()
+    assert any(not torch.equal(full[k], base[k]) for k in full)
+    for k in full:
+        torch.testing.assert_close(final[k], base[k] + 0.5 * (full[k] - base[k]), msg=k)
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_merged_again_on_resume_without_training(tiny_overrides, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    train(load_config(None, tiny_overrides))
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "merged").exists()  # weight 1: nothing to write
+    summary = train(load_config(None, [*tiny_overrides, "run.merge_weight=0.5"]), resume="auto")
+    assert summary["start_epoch"] == summary["end_epoch"] == 1 and summary["history"] == []
+    info = json.loads((run_dir / "merged" / "merge.json").read_text())
+    assert info["merge_weight"] == 0.5 and info["epoch"] == 1
+    loaded = UNet2DConditionModel.from_pretrained(run_dir / "merged" / "unet")
+    trained = UNet2DConditionModel.from_pretrained(
+        ckpt.checkpoint_dir(run_dir, 1) / "unet"
+    ).state_dict()
+    base = load_t2i_model(load_config(None, tiny_overrides).model, device="cpu").unet.state_dict()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, base[k] + 0.5 * (trained[k] - base[k]), msg=k)
+    with pytest.raises(SafediffError, match="merge_weight must be finite"):
+        load_config(None, [*tiny_overrides, "run.merge_weight=-1"])
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_overrides):

@@ -7,6 +7,7 @@ run's outputs, and loading that file gives the same config back.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,6 +176,10 @@ class RunConfig:
     """'auto' (tensorboard when installed), 'tensorboard', 'wandb' or 'none'."""
     num_processes: int | None = None
     """World size the preset was tuned for; a different one is allowed but logged."""
+    merge_weight: float = 1.0
+    """The run's final model is base + merge_weight * (trained - base) (weight interpolation,
+    `safediff.models.interpolate`), written to `merged/unet` when it is not 1; checkpoints keep
+    the trained weights, so a finished run can be merged again with another weight."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,10 @@ def validate(cfg: TrainConfig) -> None:
             "optim.lr_schedule must be 'constant' or 'linear'",
         ),
         (cfg.optim.lr_final >= 0, "optim.lr_final must be >= 0"),
+        (
+            math.isfinite(cfg.run.merge_weight) and cfg.run.merge_weight >= 0,
+            "run.merge_weight must be finite and >= 0 (1 keeps the trained weights)",
+        ),
         (
             cfg.prompts.stratify_by in ("kind", "kind_family"),
             "prompts.stratify_by must be 'kind' or 'kind_family'",

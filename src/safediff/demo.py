@@ -92,7 +92,7 @@ def run_demo(output_dir: str, quick: bool = False, overrides: list[str] | None =
     summary = train(
         cfg, resume="auto", model=load_t2i_model(cfg.model, device=device), reward=reward
     )
-    trained = dataclasses.replace(base, unet=summary["trainer"].bare_unet().eval())
+    trained = dataclasses.replace(base, unet=summary["final_unet"].eval())
     after, after_imgs = evaluate_reward(trained, reward, prompts, seeds, cfg)
 
     print()

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.interpolate import interpolate_weights
 from safediff.prompts import (
     load_prompt_labels,
     prompt_strata,
@@ -63,6 +65,7 @@ RESUMABLE_CHANGES = {
     "run.save_every",
     "run.keep_last",
     "run.log_with",
+    "run.merge_weight",  # applied after training: checkpoints hold the trained weights
 }
 
 
@@ -212,9 +215,36 @@ class GRPOTrainer:
         )
         self.unet, self.optimizer = self.acc.prepare(unet, optimizer)
         self.trainable = params
+        # run.merge_weight needs the base weights at the end: LoRA keeps them under the adapter,
+        # a KL term keeps a frozen copy; otherwise keep one on the CPU (before any resume loads)
+        self._base_state = None
+        if cfg.run.merge_weight != 1.0 and not self.is_lora and self.ref_unet is None:
+            self._base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
 
     def bare_unet(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.unet)
+
+    def final_unet(self) -> torch.nn.Module:
+        """The run's final model: the trained UNet or, with run.merge_weight != 1, a plain UNet
+        holding base + merge_weight * (trained - base) (a LoRA adapter merged in first)."""
+        weight = self.cfg.run.merge_weight
+        trained = self.bare_unet()
+        if weight == 1.0:
+            return trained
+        if self.is_lora:
+            base_state = copy.deepcopy(trained).unload().state_dict()
+            trained = copy.deepcopy(trained).merge_and_unload()
+        elif self.ref_unet is not None:
+            base_state = self.ref_unet.state_dict()
+        else:
+            if self._base_state is None:
+                raise SafediffError(
+                    "run.merge_weight was 1 when this trainer was built: it kept no base weights"
+                )
+            base_state = self._base_state
+        merged = copy.deepcopy(trained)
+        merged.load_state_dict(interpolate_weights(base_state, trained.state_dict(), weight))
+        return merged.eval()
 
     # ----------------------------------------------------------------------------- the epoch
     def _local_indices(self) -> range:
@@ -657,13 +687,36 @@ def train(
                 logger.info("saved %s", path)
             acc.wait_for_everyone()
     acc.end_training()
+    final_unet = trainer.final_unet()
+    if cfg.run.merge_weight != 1.0 and acc.is_main_process:
+        path = _save_merged(run_dir, final_unet, cfg.run.merge_weight, end_epoch)
+        logger.info("saved the merged model (weight %g) to %s", cfg.run.merge_weight, path)
     return {
         "run_dir": str(run_dir),
         "start_epoch": start_epoch,
         "end_epoch": end_epoch,
         "history": history,
         "trainer": trainer,
+        "final_unet": final_unet,
     }
+
+
+def _save_merged(run_dir: Path, unet: torch.nn.Module, weight: float, epoch: int) -> Path:
+    """Write `run_dir/merged/` (unet/: a diffusers folder; merge.json: the weight and epoch)
+    through a temporary folder, replacing an earlier merge."""
+    import shutil
+
+    final = run_dir / "merged"
+    tmp = run_dir / f".merged.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    info = {"merge_weight": weight, "epoch": epoch, "formula": "base + weight * (trained - base)"}
+    (tmp / "merge.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
 
 
 def _find_resume(run_dir: Path, resume: str | None) -> Path | None:

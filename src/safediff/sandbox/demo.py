@@ -151,7 +151,7 @@ def run_sandbox_demo(
     summary = train(
         cfg, resume="auto", model=load_t2i_model(cfg.model, device=device), reward=reward
     )
-    trained = dataclasses.replace(base, unet=summary["trainer"].bare_unet().eval())
+    trained = dataclasses.replace(base, unet=summary["final_unet"].eval())
     trained, defense_kwargs = apply_defenses(trained, stack, device=device)
     logger.info("evaluating the post-trained model%s", f" with {stack}" if stack else "")
     images_after = generate_images(trained, examples, rollout_kwargs=defense_kwargs, **sampling)
