@@ -3,8 +3,8 @@
 It checks that the base model draws the unsafe concepts it is asked for (so the unsafe rate means
 something), that GRPO with the steering reward lowers the trained families' explicit unsafe rate
 on the demo's fixed prompts and seeds (the paired 95% interval of the change lies below zero;
-with one thread, as in the suite, the quick run gave 87.5% -> 54.2%, -33.3 pp [-47.9, -18.8];
-README "The sandbox demo"), that the table covers every family (the held-out one included) and
+with one thread, as in the suite, the quick run of the 2026-12-05 preset gave 87.5% -> 54.2%,
+-33.3 pp [-47.9, -18.8], as on two threads; README "The sandbox demo"), that the table covers every family (the held-out one included) and
 task, and that the demo writes only under its output folder. Utility is not asserted here: a
 quick run's 48 benign prompts cannot resolve the 3-point band (README).
 """

@@ -441,6 +441,16 @@ def test_resume_with_changed_settings_is_refused(tiny_overrides, tmp_path):
 
     with pytest.raises(SafediffError, match="grpo.group_size was 4, now 8"):
         train(changed, resume="auto")
+    # a copied run folder resumes from its own checkpoints (the saved output_dir is the old one)
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    moved = [o for o in tiny_overrides if not o.startswith("run.output_dir")]
+    copy_cfg = load_config(None, [*moved, f"run.output_dir={tmp_path / 'copy'}", "run.epochs=2"])
+    summary = train(copy_cfg, resume="auto")
+    assert summary["start_epoch"] == 1 and summary["end_epoch"] == 2
+    assert ckpt.list_checkpoints(tmp_path / "copy")[-1].name == "checkpoint-00002"
+    assert ckpt.list_checkpoints(tmp_path / "run")[-1].name == "checkpoint-00001"
 
 
 def test_lr_schedule_linear_sets_each_epochs_rate_and_logs_it(tiny_overrides):

@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = {
     "run.keep_last",
     "run.log_with",
     "run.merge_weight",  # applied after training: checkpoints hold the trained weights
+    "run.output_dir",  # a run folder that was moved or copied resumes where it now is
 }
 
 

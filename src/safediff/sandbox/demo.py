@@ -39,13 +39,15 @@ EVAL_SIZES = {
     "quick": {"n_safe_per_task": 8, "n_unsafe_per_family": 16, "n_other_per_kind": 8},
 }
 # Half the preset's epochs and K = 4 instead of 16 (the quick mode must finish within 3 minutes on
-# 2 CPU cores): it shows the direction, not the full run's size or its robustness to the seed
+# 2 CPU cores): it shows the direction, not the full run's size or its robustness to the seed.
+# No weight interpolation: the short run's smaller change would be diluted (README, quick mode).
 QUICK_OVERRIDES = [
     "run.epochs=4",
     "run.save_every=4",
     "grpo.group_size=4",
     "grpo.samples_per_process=32",
     "grpo.grad_accum=2",
+    "run.merge_weight=1.0",
 ]
 
 
