@@ -170,6 +170,11 @@ def run_sandbox_demo(
     title = (
         f"safediff sandbox demo ({mode}): GRPO + steering reward, {cfg.run.epochs} epochs x "
         f"{cfg.grpo.samples_per_process} samples, alpha {cfg.reward.params.get('alpha')}"
+        + (
+            f"; weights merged with the base at {cfg.run.merge_weight:g}"
+            if cfg.run.merge_weight != 1.0
+            else ""
+        )
         + (f"; after = GRPO + defenses {defenses}" if stack else "")
     )
     report = write_report(
