@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -380,6 +381,21 @@ def test_spec_trainer_checkpoint(model, tmp_path, caplog):
         pretrained="tiny-sd-v", unet_weights=str(ckpt / "unet"), resolution=24
     )
     assert "was trained on 'tiny-sd'" in caplog.text
+
+    # run.merge_weight's merged/ model is the run's final model while it is the newest epoch's
+    merged = run_dir / "merged"
+    model.unet.save_pretrained(merged / "unet", safe_serialization=True)
+    (merged / "merge.json").write_text(json.dumps({"merge_weight": 0.6, "epoch": 2}))
+    final = ModelConfig(pretrained="tiny-sd", unet_weights=str(merged / "unet"), resolution=24)
+    assert parse_model_spec(str(run_dir)) == final
+    assert parse_model_spec(str(merged)) == final
+    assert parse_model_spec(str(ckpt)) == expected  # a checkpoint is still itself
+    (merged / "merge.json").write_text(json.dumps({"merge_weight": 0.6, "epoch": 1}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert parse_model_spec(str(run_dir)) == expected  # a stale merge: the newest checkpoint
+    assert "merged from epoch 1, older than" in caplog.text
+    shutil.rmtree(merged)
 
     (run_dir / "config.yaml").unlink()
     with pytest.raises(SafediffError, match=r"checkpoint-00002: no run config\.yaml .*--base"):

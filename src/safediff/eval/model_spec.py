@@ -14,8 +14,10 @@ bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus 
 - a LoRA checkpoint of safediff's trainer (checkpoint-N holding lora/, or that lora/ folder): its
   peft adapter merged into the base model's UNet at load time (`ModelConfig.lora_weights`), the
   base found as above;
-- a training run folder written by safediff's trainer (holding checkpoints/): its newest complete
+- a training run folder written by safediff's trainer (holding checkpoints/): its final model,
+  i.e. its merged/ model when `run.merge_weight` wrote one from the newest checkpoint, else that
   checkpoint, as above;
+- the merged/ folder of a run (unet/ + merge.json): its UNet on top of the run's base model;
 - a bare UNet .safetensors file, or a folder holding diffusion_pytorch_model.safetensors (the
   reference's checkpoint_epoch_N/): needs `base`;
 - a bare peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors): needs `base`;
@@ -24,6 +26,7 @@ No default base is assumed: evaluating a UNet on the wrong base gives silently w
 missing `base` is an error that suggests one. Errors name the path.
 """
 
+import json
 import logging
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from safediff.models.loading import (
     UNET_WEIGHTS_NAME,
     is_sandbox_spec,
 )
-from safediff.rl.checkpoint import list_checkpoints
+from safediff.rl.checkpoint import MERGE_INFO, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ def _from_folder(path: Path, base: str | None) -> ModelConfig:
     if (where / "model_index.json").is_file():
         _ignore_base(str(where), base)
         return ModelConfig(pretrained=str(where))
+    if (where / MERGE_INFO).is_file() and (where / "unet" / UNET_WEIGHTS_NAME).is_file():
+        return _from_checkpoint(where, base, where.parent / "config.yaml")  # a run's merged/
     if (where / "trainer_state.json").is_file() or (where / "unet" / UNET_WEIGHTS_NAME).is_file():
         return _from_checkpoint(where, base)
     if (where / "checkpoints").is_dir():  # a training run folder
@@ -101,6 +106,8 @@ def _from_folder(path: Path, base: str | None) -> ModelConfig:
                 f"training run {where} has no complete checkpoint yet; let `safediff train` "
                 "(or `safediff demo`) write one"
             )
+        if _merged_from(where / "merged", found[-1]):
+            return _from_checkpoint(where / "merged", base, where / "config.yaml")
         return _from_checkpoint(found[-1], base)
     if (where / UNET_WEIGHTS_NAME).is_file():
         if (where.parent / "trainer_state.json").is_file():  # the unet/ folder of a checkpoint
@@ -119,9 +126,25 @@ def _from_folder(path: Path, base: str | None) -> ModelConfig:
     )
 
 
-def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
+def _merged_from(merged: Path, checkpoint: Path) -> bool:
+    """Whether the run's merged/ model was made from `checkpoint` (its newest); a merge of an
+    older checkpoint is stale: the run trained on, so the checkpoint is used, with a warning."""
+    info_file = merged / MERGE_INFO
+    if not info_file.is_file() or not (merged / "unet" / UNET_WEIGHTS_NAME).is_file():
+        return False
+    epoch = json.loads(info_file.read_text(encoding="utf-8")).get("epoch")
+    if epoch == int(checkpoint.name.rsplit("-", 1)[1]):
+        return True
+    logger.warning(
+        "%s was merged from epoch %s, older than %s: using the checkpoint", merged, epoch, checkpoint
+    )
+    return False
+
+
+def _from_checkpoint(ckpt: Path, base: str | None, config_file: Path | None = None) -> ModelConfig:
     """A full checkpoint (unet/: all UNet weights) or a LoRA one (lora/: an adapter that goes on
-    the run's base UNet, including the `model.unet_weights` the run started from, if any)."""
+    the run's base UNet, including the `model.unet_weights` the run started from, if any); a run's
+    merged/ folder is a full one. config_file: the run's config.yaml (default: two levels up)."""
     unet_dir, lora_dir = ckpt / "unet", ckpt / "lora"
     is_lora = not (unet_dir / UNET_WEIGHTS_NAME).is_file()
     if is_lora and not (lora_dir / ADAPTER_CONFIG_NAME).is_file():
@@ -129,7 +152,8 @@ def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
             f"checkpoint {ckpt} has neither unet/{UNET_WEIGHTS_NAME} nor lora/{ADAPTER_CONFIG_NAME}"
         )
     weights = {"lora_weights": str(lora_dir)} if is_lora else {"unet_weights": str(unet_dir)}
-    run_model = _run_model_config(ckpt.parent.parent / "config.yaml")
+    config_file = config_file or ckpt.parent.parent / "config.yaml"
+    run_model = _run_model_config(config_file)
     if is_lora and run_model is not None:
         if run_model.get("lora_weights"):
             raise SafediffError(
@@ -142,8 +166,8 @@ def _from_checkpoint(ckpt: Path, base: str | None) -> ModelConfig:
     if base is None:
         if run_model is None:
             raise SafediffError(
-                f"checkpoint {ckpt}: no run config.yaml found two levels up to name its base "
-                f"model; pass --base (e.g. --base {SUGGESTED_BASE})"
+                f"checkpoint {ckpt}: no run config.yaml ({config_file}) names its base model; "
+                f"pass --base (e.g. --base {SUGGESTED_BASE})"
             )
         return ModelConfig(
             pretrained=run_model["pretrained"],

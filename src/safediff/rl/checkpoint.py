@@ -26,6 +26,8 @@ from torch import nn
 from safediff.errors import SafediffError
 
 FORMAT_VERSION = 1
+MERGE_INFO = "merge.json"
+"""Written beside a run's merged/unet (`run.merge_weight`): the weight and the epoch merged."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 

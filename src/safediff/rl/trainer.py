@@ -713,7 +713,7 @@ def _save_merged(run_dir: Path, unet: torch.nn.Module, weight: float, epoch: int
         shutil.rmtree(tmp)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     info = {"merge_weight": weight, "epoch": epoch, "formula": "base + weight * (trained - base)"}
-    (tmp / "merge.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    (tmp / ckpt.MERGE_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
