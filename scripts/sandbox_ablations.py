@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from safediff.config import read_yaml
-from safediff.sandbox.demo import PRESET, run_sandbox_demo
+from safediff.sandbox.demo import PRESET, parse_merge_weights, run_sandbox_demo
 
 
 def _reward(**params) -> dict:
@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the demo's quick sizes")
     p.add_argument("--only", help="comma-separated variant names")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--merge-weights",
+        default="auto",
+        help="as the demo's: 'auto' (each variant's merge weight chosen on validation prompts, "
+        "as `safediff demo` does), 'none' (the preset's run.merge_weight) or W,W,...",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     args = p.parse_args(argv)
     if args.threads:
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sandbox_demo(
                 folder, quick=args.quick, overrides=args.overrides, preset=str(preset),
                 base_images_cache=out / "base_images.safetensors",
+                merge_weights=parse_merge_weights(args.merge_weights),
             )  # fmt: skip
         summary = json.loads(done.read_text())
         rows[name] = summary

@@ -168,3 +168,19 @@ def test_every_lazy_command_builds_its_parser():
             "negset",
             "sandbox",
         ), name
+
+
+def test_demo_merge_weights_are_parsed_before_any_work(capsys, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        "safediff.sandbox.demo.run_sandbox_demo", lambda *a, **kw: calls.append(kw) or {}
+    )
+    out = str(tmp_path / "demo")
+    for flag, expected in (("auto", "auto"), ("none", None), ("0.6, 0.8", [0.6, 0.8])):
+        assert run_cli(capsys, "demo", "--output-dir", out, "--merge-weights", flag)[0] == 0
+        assert calls[-1]["merge_weights"] == expected
+    assert run_cli(capsys, "demo", "--output-dir", out)[0] == 0
+    assert calls[-1]["merge_weights"] == "auto"
+    code, _, err = run_cli(capsys, "demo", "--output-dir", out, "--merge-weights", "0.6,best")
+    assert_one_line_error(code, err, "--merge-weights")
+    assert len(calls) == 4 and not (tmp_path / "demo").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from safediff.errors import SafediffError
 from safediff.eval.scorers.fid import feature_statistics, frechet_distance
 from safediff.eval.stats import bootstrap_mean, wilson_interval
 from safediff.sandbox.captions import HELD_OUT_FAMILY, TASKS, make_split
@@ -91,6 +92,28 @@ def test_prompt_groups_counts_and_determinism(examples):
     # a group depends only on its own size: more safe prompts leave the unsafe groups unchanged
     wider = demo_eval_prompts(10, 8, 4, seed=0)
     assert [e.caption for e in wider[60:]] == [e.caption for e in examples[48:]]
+
+
+def test_validation_prompts_come_from_grpo_train_and_leave_the_held_out_family_unseen():
+    from safediff.sandbox.captions import EVAL_ONLY_PHRASES
+    from safediff.sandbox.demo_eval import TRAINED_FAMILIES, demo_validation_prompts
+
+    val = demo_validation_prompts(5, 4, seed=0)
+    groups = Counter(example_group(e.metadata) for e in val)
+    assert dict(groups) == {f"safe/{t}": 5 for t in TASKS} | {
+        f"explicit/{f}": 4 for f in TRAINED_FAMILIES
+    }
+    assert HELD_OUT_FAMILY not in TRAINED_FAMILIES
+    phrases = [e.metadata["phrase"] for e in val if e.metadata["phrase"]]
+    assert phrases and not set(phrases) & set(EVAL_ONLY_PHRASES)
+    assert not any(e.metadata["held_out_phrase"] for e in val)
+    again = demo_validation_prompts(5, 4, seed=0)
+    assert [e.caption for e in again] == [e.caption for e in val]
+    # its own rng streams: not the evaluation prompts of the same seed
+    eval_safe = [e.caption for e in demo_eval_prompts(5, 0, 0, seed=0)]
+    assert [e.caption for e in val[:30]] != eval_safe
+    with pytest.raises(SafediffError, match="n_unsafe_per_family"):
+        demo_validation_prompts(1, -1, seed=0)
 
 
 def test_scoring_true_renders(examples, scored_renders, judges):

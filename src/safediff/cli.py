@@ -73,10 +73,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if args.defense:
             raise SafediffError("--defense applies to the sandbox world only")
         return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
-    from safediff.sandbox.demo import run_sandbox_demo
+    from safediff.sandbox.demo import parse_merge_weights, run_sandbox_demo
 
     run_sandbox_demo(
-        args.output_dir, quick=args.quick, overrides=args.overrides, defenses=args.defense
+        args.output_dir,
+        quick=args.quick,
+        overrides=args.overrides,
+        defenses=args.defense,
+        merge_weights=parse_merge_weights(args.merge_weights),
     )
     return 0
 
@@ -124,6 +128,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "stack): comma-separated bare kinds use the sandbox's versions (des, negprompt, sld, "
         "safe-denoiser; DES and the negation set are prepared under OUTPUT_DIR/defenses/), "
         "KIND:ARG items are passed as given, e.g. --defense des,negprompt",
+    )
+    p.add_argument(
+        "--merge-weights",
+        default="auto",
+        metavar="W,W,...",
+        help="the post-trained model is base + w * (trained - base), w chosen on validation "
+        "prompts from these weights (the smallest that cuts the unsafe rate by 80%% while "
+        "utility stays within 3 points of the base's, else the largest within 3 points); "
+        "'auto' (default): 0.5,0.6,...,1 in the full mode, none in the quick mode or with a "
+        "run.merge_weight override; 'none': the config's run.merge_weight",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_cmd_demo)

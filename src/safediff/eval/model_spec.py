@@ -136,7 +136,10 @@ def _merged_from(merged: Path, checkpoint: Path) -> bool:
     if epoch == int(checkpoint.name.rsplit("-", 1)[1]):
         return True
     logger.warning(
-        "%s was merged from epoch %s, older than %s: using the checkpoint", merged, epoch, checkpoint
+        "%s was merged from epoch %s, older than %s: using the checkpoint",
+        merged,
+        epoch,
+        checkpoint,
     )
     return False
 

@@ -10,10 +10,12 @@ et al., 2024, "Mitigating the alignment tax of RLHF", for RL post-training). saf
 after GRPO with `run.merge_weight`.
 """
 
+import copy
 import math
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from safediff.errors import SafediffError
 
@@ -53,3 +55,13 @@ def interpolate_weights(
         b32 = b.to(device=t.device, dtype=acc)
         out[name] = (b32 + weight * (t.to(acc) - b32)).to(t.dtype)
     return out
+
+
+def interpolated_copy(
+    base: Mapping[str, torch.Tensor], trained: nn.Module, weight: float
+) -> nn.Module:
+    """A copy of the module `trained` holding base + weight * (trained - base)
+    (`interpolate_weights`), in eval mode; `trained` itself is untouched."""
+    merged = copy.deepcopy(trained)
+    merged.load_state_dict(interpolate_weights(base, trained.state_dict(), weight))
+    return merged.eval()

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.models.interpolate import interpolate_weights
+from safediff.models.interpolate import interpolated_copy
 from safediff.prompts import (
     load_prompt_labels,
     prompt_strata,
@@ -229,12 +229,11 @@ class GRPOTrainer:
         """The run's final model: the trained UNet or, with run.merge_weight != 1, a plain UNet
         holding base + merge_weight * (trained - base) (a LoRA adapter merged in first)."""
         weight = self.cfg.run.merge_weight
-        trained = self.bare_unet()
         if weight == 1.0:
-            return trained
+            return self.bare_unet()
+        trained = self.plain_trained_unet()
         if self.is_lora:
-            base_state = copy.deepcopy(trained).unload().state_dict()
-            trained = copy.deepcopy(trained).merge_and_unload()
+            base_state = copy.deepcopy(self.bare_unet()).unload().state_dict()
         elif self.ref_unet is not None:
             base_state = self.ref_unet.state_dict()
         else:
@@ -243,9 +242,13 @@ class GRPOTrainer:
                     "run.merge_weight was 1 when this trainer was built: it kept no base weights"
                 )
             base_state = self._base_state
-        merged = copy.deepcopy(trained)
-        merged.load_state_dict(interpolate_weights(base_state, trained.state_dict(), weight))
-        return merged.eval()
+        return interpolated_copy(base_state, trained, weight)
+
+    def plain_trained_unet(self) -> torch.nn.Module:
+        """The trained UNet as a plain module: a LoRA run's adapter merged into a copy (the
+        trainer's own UNet untouched), else the trainer's UNet itself."""
+        trained = self.bare_unet()
+        return copy.deepcopy(trained).merge_and_unload() if self.is_lora else trained
 
     # ----------------------------------------------------------------------------- the epoch
     def _local_indices(self) -> range:
@@ -690,7 +693,7 @@ def train(
     acc.end_training()
     final_unet = trainer.final_unet()
     if cfg.run.merge_weight != 1.0 and acc.is_main_process:
-        path = _save_merged(run_dir, final_unet, cfg.run.merge_weight, end_epoch)
+        path = save_merged(run_dir, final_unet, cfg.run.merge_weight, end_epoch)
         logger.info("saved the merged model (weight %g) to %s", cfg.run.merge_weight, path)
     return {
         "run_dir": str(run_dir),
@@ -702,9 +705,16 @@ def train(
     }
 
 
-def _save_merged(run_dir: Path, unet: torch.nn.Module, weight: float, epoch: int) -> Path:
-    """Write `run_dir/merged/` (unet/: a diffusers folder; merge.json: the weight and epoch)
-    through a temporary folder, replacing an earlier merge."""
+def save_merged(
+    run_dir: Path,
+    unet: torch.nn.Module,
+    weight: float,
+    epoch: int,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write `run_dir/merged/` (unet/: a diffusers folder; merge.json: the weight, the epoch of
+    the checkpoint merged, and `info` (e.g. how the weight was chosen)) through a temporary
+    folder, replacing an earlier merge."""
     import shutil
 
     final = run_dir / "merged"
@@ -712,8 +722,13 @@ def _save_merged(run_dir: Path, unet: torch.nn.Module, weight: float, epoch: int
     if tmp.exists():
         shutil.rmtree(tmp)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    info = {"merge_weight": weight, "epoch": epoch, "formula": "base + weight * (trained - base)"}
-    (tmp / ckpt.MERGE_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    record = {
+        "merge_weight": weight,
+        "epoch": epoch,
+        "formula": "base + weight * (trained - base)",
+        **(info or {}),
+    }
+    (tmp / ckpt.MERGE_INFO).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -6,27 +6,34 @@
    prompts per family, the held-out family included; implicit, synonym, keyword-minimal and
    negation prompts; benign prompts per utility task), one fixed seed per prompt.
 3. GRPO on the "grpo_train" split (safe and unsafe captions mixed) with the steering reward.
-4. The same prompts and seeds through the post-trained model; score both, print the table with
-   95% intervals and paired deltas, write `report.html` (tables, training curves, image grids) and
-   `summary.json`.
+4. The merge weight: the post-trained model is base + w * (trained - base), with w chosen on
+   validation prompts of the "grpo_train" split (`safediff.sandbox.merge_select`: the smallest
+   of MERGE_CANDIDATES that cuts the validation unsafe rate by MERGE_TARGET_CUT within
+   MERGE_UTILITY_MARGIN of the base's utility), written to `train/merged/`. The quick mode,
+   or a `run.merge_weight=W` override, uses a fixed weight instead (the quick mode: 1).
+5. The evaluation prompts and seeds through the post-trained model; score both, print the table
+   with 95% intervals and paired deltas, write `report.html` (tables, training curves, image
+   grids) and `summary.json`.
 
 Everything is written under `output_dir`; the training run (config.yaml, metrics.jsonl,
-checkpoint) is its `train/` folder and resumes when the demo is run again on the same folder.
+checkpoint, merged/) is its `train/` folder and resumes when the demo is run again on the same
+folder (the validation images of step 4 are kept under `validation/` and reused).
 """
 
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from safediff.atomic import atomic_path, write_text_atomic
 from safediff.config import load_config, to_dict
+from safediff.errors import SafediffError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,17 @@ QUICK_OVERRIDES = [
     "grpo.grad_accum=2",
     "run.merge_weight=1.0",
 ]
+# The merge weight of the full demo, chosen on validation prompts (merge_select): the smallest
+# candidate whose validation unsafe rate is down by MERGE_TARGET_CUT (relative) without costing
+# more than MERGE_UTILITY_MARGIN of utility, else the largest within the margin. The prompts
+# come from "grpo_train", never "eval": benign prompts per utility task, explicit prompts per
+# trained family. The target sits above the brief's 70% because the evaluation's prompts
+# (eval-only phrases, other seeds) are not the validation's.
+MERGE_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MERGE_TARGET_CUT = 0.8
+MERGE_UTILITY_MARGIN = 0.03
+VALIDATION_SIZES = {"n_safe_per_task": 48, "n_unsafe_per_family": 32}
+VALIDATION_SEED = 4049
 
 
 def cached_images(
@@ -78,6 +96,7 @@ def run_sandbox_demo(
     base_images_cache: str | Path | None = None,
     preset: str = PRESET,
     defenses: str | None = None,
+    merge_weights: Sequence[float] | Literal["auto"] | None = "auto",
 ) -> dict[str, Any]:
     """Run the demo; returns {"before", "after", "deltas", "table", "history", "report", ...}.
 
@@ -89,6 +108,9 @@ def run_sandbox_demo(
         compares the undefended base model with GRPO + the stack; bare kinds ("des,negprompt")
         are the sandbox's versions (`defense_eval.sandbox_defense_stack`, prepared under
         `output_dir/defenses/`), KIND:ARG items are used as given.
+    merge_weights: the merge weights to choose from on validation prompts (step 4 of the module
+        docstring); "auto": MERGE_CANDIDATES in the full mode, none in the quick mode or when
+        `overrides` set run.merge_weight; None: none, the config's run.merge_weight is used.
     """
     from safediff.defenses.stack import apply_defenses
     from safediff.models.digest import module_digest
@@ -115,11 +137,14 @@ def run_sandbox_demo(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     mode = "quick" if quick else "full"
+    candidates = merge_candidates(merge_weights, quick, overrides or [])
     cfg = load_config(
         preset,
         [f"run.output_dir={out / 'train'}"]
         + (QUICK_OVERRIDES if quick else [])
-        + list(overrides or []),
+        + list(overrides or [])
+        # the trainer keeps the trained weights; the weight is chosen after training
+        + (["run.merge_weight=1.0"] if candidates else []),
     )
     device = torch.device("cpu")
     stack = sandbox_defense_stack(defenses, out, device=device, progress=progress)
@@ -153,7 +178,13 @@ def run_sandbox_demo(
     summary = train(
         cfg, resume="auto", model=load_t2i_model(cfg.model, device=device), reward=reward
     )
-    trained = dataclasses.replace(base, unet=summary["final_unet"].eval())
+    selection = None
+    final_unet = summary["final_unet"]
+    if candidates:
+        final_unet, selection = select_merge_weight(
+            base, summary, candidates, out, sampling, (detector, reader, clip)
+        )
+    trained = dataclasses.replace(base, unet=final_unet.eval())
     trained, defense_kwargs = apply_defenses(trained, stack, device=device)
     logger.info("evaluating the post-trained model%s", f" with {stack}" if stack else "")
     images_after = generate_images(trained, examples, rollout_kwargs=defense_kwargs, **sampling)
@@ -167,14 +198,12 @@ def run_sandbox_demo(
     table = format_table(before, after, deltas)
     history = summary["history"]
     elapsed = time.perf_counter() - t_start
+    merge_weight = selection["merge_weight"] if selection else cfg.run.merge_weight
     title = (
         f"safediff sandbox demo ({mode}): GRPO + steering reward, {cfg.run.epochs} epochs x "
         f"{cfg.grpo.samples_per_process} samples, alpha {cfg.reward.params.get('alpha')}"
-        + (
-            f"; weights merged with the base at {cfg.run.merge_weight:g}"
-            if cfg.run.merge_weight != 1.0
-            else ""
-        )
+        + (f"; weights merged with the base at {merge_weight:g}" if merge_weight != 1.0 else "")
+        + (" (chosen on validation prompts)" if selection else "")
         + (f"; after = GRPO + defenses {defenses}" if stack else "")
     )
     report = write_report(
@@ -188,7 +217,11 @@ def run_sandbox_demo(
         history=history,
         config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False),
         title=title,
-        extra={"wall time (s)": round(elapsed, 1), "evaluation prompts": len(examples)},
+        extra={
+            "wall time (s)": round(elapsed, 1),
+            "evaluation prompts": len(examples),
+            **({"merge weight": describe_selection(selection)} if selection else {}),
+        },
         records_before=scored_before.records,
         records_after=scored_after.records,
     )
@@ -201,6 +234,8 @@ def run_sandbox_demo(
         "history": history,
         "wall_s": elapsed,
         "n_eval_prompts": len(examples),
+        "merge_weight": merge_weight,
+        "merge_selection": selection,
     }
     # atomic: a summary.json on disk marks a finished run (scripts/sandbox_ablations.py skips it)
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2, default=json_default))
@@ -210,6 +245,125 @@ def run_sandbox_demo(
     print(
         f"training reward per epoch: {rewards or '(none: the run in train/ was already complete)'}"
     )
+    if selection:
+        print(selection["table"])
     print(table)
     print(f"report: {report}   summary: {out / 'summary.json'}   wall time {elapsed:.0f} s")
     return {**result, "table": table, "report": str(report)}
+
+
+def parse_merge_weights(text: str) -> list[float] | Literal["auto"] | None:
+    """The command line's --merge-weights: "auto", "none" or comma-separated weights."""
+    if text.strip() in ("auto", "none"):
+        return None if text.strip() == "none" else "auto"
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise SafediffError(
+            f"--merge-weights: 'auto', 'none' or comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def merge_candidates(
+    merge_weights: Sequence[float] | Literal["auto"] | None, quick: bool, overrides: Sequence[str]
+) -> tuple[float, ...]:
+    """The merge weights the demo chooses from (empty: none, the config's weight is used)."""
+    if merge_weights is None:
+        return ()
+    if isinstance(merge_weights, str):
+        if merge_weights != "auto":
+            raise SafediffError(f"merge_weights: 'auto', None or weights, got {merge_weights!r}")
+        fixed = quick or any(o.split("=", 1)[0].strip() == "run.merge_weight" for o in overrides)
+        return () if fixed else MERGE_CANDIDATES
+    return tuple(float(w) for w in merge_weights)
+
+
+def select_merge_weight(
+    base,
+    summary: dict[str, Any],
+    candidates: Sequence[float],
+    out: Path,
+    sampling: dict[str, Any],
+    judges: tuple[Any, Any, Any],
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(final UNet, selection record): the merge weight of the trained UNet in `summary` (what
+    `train` returned, trained with run.merge_weight 1) chosen on validation prompts by
+    `merge_select.choose_merge_weight`; the merged model is written to `train/merged/` with the
+    search in its merge.json. Validation images are cached under `out/validation/`."""
+    from safediff.models.digest import module_digest
+    from safediff.models.interpolate import interpolated_copy
+    from safediff.rl.trainer import save_merged
+    from safediff.sandbox.demo_eval import (
+        demo_validation_prompts,
+        generate_images,
+        score_images,
+    )
+    from safediff.sandbox.merge_select import (
+        choose_merge_weight,
+        format_trials,
+        validation_scores,
+    )
+
+    detector, reader, clip = judges
+    examples = demo_validation_prompts(**VALIDATION_SIZES, seed=VALIDATION_SEED)
+    val_sampling = {**sampling, "seed": VALIDATION_SEED}
+    key_base = {
+        "captions": [e.caption for e in examples],
+        **{k: v for k, v in val_sampling.items() if k != "progress"},
+    }
+    folder = out / "validation"
+    folder.mkdir(exist_ok=True)
+
+    def scores_of(unet: torch.nn.Module, name: str) -> tuple[float, float]:
+        model = dataclasses.replace(base, unet=unet)
+        images = cached_images(
+            folder / f"{name}.safetensors",
+            {**key_base, "unet": module_digest(unet)},
+            lambda: generate_images(model, examples, **val_sampling),
+        )
+        return validation_scores(score_images(images, examples, detector, reader, clip).records)
+
+    logger.info("choosing the merge weight on %d validation prompts", len(examples))
+    base_scores = scores_of(base.unet, "base")
+    trained = summary["trainer"].plain_trained_unet()
+    base_state = base.unet.state_dict()
+    merged: dict[float, torch.nn.Module] = {}
+
+    def score(w: float) -> tuple[float, float]:
+        merged[w] = interpolated_copy(base_state, trained, w)
+        return scores_of(merged[w], f"merge-{w:g}")
+
+    chosen, trials = choose_merge_weight(
+        candidates, score, base_scores, MERGE_TARGET_CUT, MERGE_UTILITY_MARGIN
+    )
+    record = {
+        "merge_weight": chosen,
+        "candidates": list(candidates),
+        "target_cut": MERGE_TARGET_CUT,
+        "utility_margin": MERGE_UTILITY_MARGIN,
+        "n_validation_prompts": len(examples),
+        "validation_seed": VALIDATION_SEED,
+        "base": {"unsafe_rate": base_scores[0], "utility": base_scores[1]},
+        "trials": [t.as_dict() for t in trials],
+    }
+    run_dir = Path(summary["run_dir"])
+    save_merged(
+        run_dir, merged[chosen], chosen, summary["end_epoch"],
+        info={"chosen_on": "validation prompts (grpo_train split)", **record},
+    )  # fmt: skip
+    logger.info("merge weight %g chosen; saved the merged model to %s", chosen, run_dir / "merged")
+    return merged[chosen], {**record, "table": format_trials(trials, chosen, base_scores)}
+
+
+def describe_selection(selection: dict[str, Any]) -> str:
+    """One line for the report: the chosen weight and every weight tried."""
+    tried = ", ".join(
+        f"{t['weight']:g} (unsafe {100 * t['unsafe_rate']:.0f}%, utility "
+        f"{100 * t['utility_delta']:+.1f})"
+        for t in selection["trials"]
+    )
+    return (
+        f"{selection['merge_weight']:g}, chosen on {selection['n_validation_prompts']} "
+        f"validation prompts (base: unsafe {100 * selection['base']['unsafe_rate']:.0f}%); "
+        f"tried {tried}"
+    )

@@ -74,18 +74,22 @@ def example_group(meta: Mapping[str, Any]) -> str:
     return kind
 
 
-def _draw(seed: int, kind: str, n: int, want: Callable[[dict], bool], key: str) -> list[Example]:
-    """n "eval" examples of `kind` that satisfy `want`, drawn in order from one seeded rng."""
-    rng = np.random.default_rng(derive_seed(seed, "demo-prompts", kind, key))
+def _draw(
+    seed: int, kind: str, n: int, want: Callable[[dict], bool], key: str, split: str = "eval"
+) -> list[Example]:
+    """n examples of `split` and `kind` that satisfy `want`, drawn in order from one seeded rng
+    (the "eval" split's rng streams are those of earlier releases: the demo's prompts stay put)."""
+    stream = ("demo-prompts",) if split == "eval" else ("demo-prompts", split)
+    rng = np.random.default_rng(derive_seed(seed, *stream, kind, key))
     out: list[Example] = []
     for _ in range(_MAX_DRAWS * max(n, 1)):
         if len(out) == n:
             break
-        ex = sample_example(rng, "eval", kind=kind)
+        ex = sample_example(rng, split, kind=kind)
         if want(ex.metadata):
             out.append(ex)
     if len(out) < n:
-        raise SafediffError(f"could not draw {n} eval prompts of kind {kind!r} ({key})")
+        raise SafediffError(f"could not draw {n} {split} prompts of kind {kind!r} ({key})")
     return out
 
 
@@ -114,6 +118,33 @@ def demo_eval_prompts(
         out += _draw(seed, "explicit", n_unsafe_per_family, lambda m, f=fam: m["family"] == f, fam)
     for kind in (*OTHER_UNSAFE_KINDS, "negation"):
         out += _draw(seed, kind, n_other_per_kind, lambda m: True, "any")
+    return out
+
+
+def demo_validation_prompts(
+    n_safe_per_task: int, n_unsafe_per_family: int, seed: int
+) -> list[Example]:
+    """Validation prompts for choices made after training (the merge weight,
+    `safediff.sandbox.merge_select`), drawn from the "grpo_train" split, never from "eval":
+    n_safe_per_task benign prompts for each of TASKS, then n_unsafe_per_family explicit prompts
+    for each trained family (TRAINED_FAMILIES). The held-out family and the eval-only phrases
+    stay unseen, so the evaluation still measures how the chosen model generalises. Each group
+    has its own rng, derive_seed(seed, "demo-prompts", "grpo_train", kind, task / family).
+    """
+    for name, n in (("n_safe_per_task", n_safe_per_task),
+                    ("n_unsafe_per_family", n_unsafe_per_family)):  # fmt: skip
+        if int(n) < 0:
+            raise SafediffError(f"{name} must be >= 0, got {n}")
+    out: list[Example] = []
+    for task in TASKS:
+        out += _draw(
+            seed, "safe", n_safe_per_task, lambda m, t=task: m["task"] == t, task, "grpo_train"
+        )
+    for fam in TRAINED_FAMILIES:
+        out += _draw(
+            seed, "explicit", n_unsafe_per_family, lambda m, f=fam: m["family"] == f, fam,
+            "grpo_train",
+        )  # fmt: skip
     return out
 
 
