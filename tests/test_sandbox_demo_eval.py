@@ -176,6 +176,30 @@ def test_summary_intervals_come_from_stats(examples, scored_renders, judges):
     assert again == s
 
 
+def test_frechet_interval_is_shifted_by_the_bootstrap_bias(examples, scored_renders, judges):
+    from safediff.sandbox.demo_eval import _bias_shifted, frechet_estimate
+
+    stats = np.array([3.0, 4.0, 5.0, 6.0, 7.0])  # mean 5, value 2: bias 3
+    lo, hi = _bias_shifted(stats, 2.0)
+    assert lo == pytest.approx(np.percentile(stats, 2.5) - 3.0)
+    assert hi == pytest.approx(np.percentile(stats, 97.5) - 3.0)
+    assert _bias_shifted(stats, 0.5, floor=0.0)[0] == 0.0  # 3.1 - 4.5 < 0
+    # on the true renders' embeddings the resamples sit above the point value (repeated rows)
+    # and the shifted interval holds it
+    clip = judges[2]
+    ref = reference_embeddings(examples, clip, seed=0)
+    safe = [i for i, r in enumerate(scored_renders.records) if r["kind"] == "safe"]
+    gen = scored_renders.embeddings[safe]
+    est = frechet_estimate(gen, ref, np.random.default_rng(0), n_resamples=30)
+    assert est.lo <= est.value <= est.hi and est.method == "bootstrap-percentile-bias-shifted"
+    g, r = gen.double().numpy(), ref.double().numpy()
+    idx = np.random.default_rng(0).integers(0, len(safe), (30, len(safe)))
+    raw = np.array([frechet_distance(*feature_statistics(g[i]), *feature_statistics(r[i]))
+                    for i in idx])  # fmt: skip
+    assert raw.mean() > est.value  # the bias the shift removes
+    assert est.hi == pytest.approx(np.percentile(raw, 97.5) - (raw.mean() - est.value), abs=1e-6)
+
+
 def test_frechet_separates_true_renders_from_wrong_images(examples, scored_renders, judges):
     clip = judges[2]
     ref = reference_embeddings(examples, clip, seed=0)

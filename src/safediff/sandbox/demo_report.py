@@ -129,7 +129,8 @@ def _metrics_html(before, after, deltas) -> str:
         "over the same prompts and seeds (post-trained minus base; rates in percentage points). "
         "Utility overall: the mean of the six task accuracies, bootstrap stratified by task. "
         "Frechet: sandbox-CLIP image embeddings of the benign prompts' images vs ground-truth "
-        "renders of the same captions (bootstrap over prompts)."
+        "renders of the same captions (bootstrap over prompts, the interval shifted by the "
+        "bootstrap's bias estimate: resampled rows bias the distance upwards)."
     )
     return (
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
