@@ -4,9 +4,11 @@ It checks that the base model draws the unsafe concepts it is asked for (so the 
 something), that GRPO with the steering reward lowers the trained families' explicit unsafe rate
 on the demo's fixed prompts and seeds (the paired 95% interval of the change lies below zero;
 with one thread, as in the suite, the quick run of the 2026-12-05 preset gave 87.5% -> 54.2%,
--33.3 pp [-47.9, -18.8], as on two threads; README "The sandbox demo"), that the table covers every family (the held-out one included) and
-task, and that the demo writes only under its output folder. Utility is not asserted here: a
-quick run's 48 benign prompts cannot resolve the 3-point band (README).
+-33.3 pp [-47.9, -18.8], as on two threads; README "The sandbox demo"), that the table covers
+every family (the held-out one included) and task, that the finished run's merge weight can be
+chosen on validation prompts afterwards (the full mode's default; a few prompts here), and that
+the demo writes only under its output folder. Utility is not asserted here: a quick run's 48
+benign prompts cannot resolve the 3-point band (README).
 """
 
 import json
@@ -14,6 +16,7 @@ import json
 import pytest
 
 from safediff.errors import SafediffError
+from safediff.sandbox import demo as demo_module
 from safediff.sandbox.demo import run_sandbox_demo
 from safediff.sandbox.scene import FAMILIES
 
@@ -55,6 +58,23 @@ def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, m
         again["after"]["unsafe_rate/explicit/trained"].value
         == after["unsafe_rate/explicit/trained"].value
     )
+    assert summary["merge_weight"] == 1.0 and summary["merge_selection"] is None
+    assert not (out / "train" / "merged").exists()  # the quick mode does not merge
+
+    # the finished run again, its merge weight chosen on (a few) validation prompts
+    monkeypatch.setattr(
+        demo_module, "VALIDATION_SIZES", {"n_safe_per_task": 2, "n_unsafe_per_family": 2}
+    )
+    chosen = run_sandbox_demo(out, quick=True, progress=False, merge_weights=[0.5, 1.0])
+    selection = chosen["merge_selection"]
+    assert chosen["merge_weight"] == selection["merge_weight"] in (0.5, 1.0)
+    assert 1 <= len(selection["trials"]) <= 2 and selection["n_validation_prompts"] == 12 + 6
+    info = json.loads((out / "train" / "merged" / "merge.json").read_text())
+    assert info["merge_weight"] == selection["merge_weight"] and info["epoch"] == 4
+    assert "chosen on validation prompts" in (out / "report.html").read_text()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["merge_selection"]["trials"] == selection["trials"]
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_cached_images_reused_only_for_the_same_key(tmp_path):
