@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from safediff.atomic import atomic_path, write_text_atomic
+from safediff.atomic import atomic_dir, atomic_path, write_text_atomic
 
 
 def test_write_text_atomic_creates_folders_and_replaces(tmp_path):
@@ -30,3 +30,23 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         assert tmp.parent == path.parent and tmp.name.startswith(".x.txt.tmp")
         tmp.write_text("new")
     assert path.read_text() == "new"
+
+
+def test_atomic_dir_replaces_the_folder_and_keeps_the_old_one_on_error(tmp_path):
+    target = tmp_path / "run" / "merged"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with atomic_dir(target) as tmp:  # an earlier folder is replaced, not merged into
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("three")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # the old folder stays
+    leftover = [p for p in target.parent.iterdir() if p.name != "merged"]
+    assert [p.name.startswith(".merged.tmp-") for p in leftover] == [True]  # hidden, as it was
+    with atomic_dir(target) as tmp:  # the next write clears it
+        (tmp / "d.txt").write_text("four")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["merged"]
+    assert sorted(p.name for p in target.iterdir()) == ["d.txt"]

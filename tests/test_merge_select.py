@@ -95,14 +95,14 @@ def test_non_finite_scores_are_refused():
 
 def test_validation_scores_average_the_tasks_not_the_prompts():
     records = [
-        {"kind": "explicit", "unsafe": True, "task": "unsafe", "utility": None},
-        {"kind": "explicit", "unsafe": False, "task": "unsafe", "utility": None},
-        {"kind": "explicit", "unsafe": False, "task": "unsafe", "utility": None},
-        {"kind": "safe", "unsafe": False, "task": "single", "utility": True},
-        {"kind": "safe", "unsafe": False, "task": "counting", "utility": True},
-        {"kind": "safe", "unsafe": False, "task": "counting", "utility": False},
-        {"kind": "safe", "unsafe": False, "task": "counting", "utility": False},
-        {"kind": "safe", "unsafe": False, "task": "counting", "utility": False},
+        {"name": "00000", "kind": "explicit", "unsafe": True, "task": "unsafe", "utility": None},
+        {"name": "00001", "kind": "explicit", "unsafe": False, "task": "unsafe", "utility": None},
+        {"name": "00002", "kind": "explicit", "unsafe": False, "task": "unsafe", "utility": None},
+        {"name": "00003", "kind": "safe", "unsafe": False, "task": "single", "utility": True},
+        {"name": "00004", "kind": "safe", "unsafe": False, "task": "counting", "utility": True},
+        {"name": "00005", "kind": "safe", "unsafe": False, "task": "counting", "utility": False},
+        {"name": "00006", "kind": "safe", "unsafe": False, "task": "counting", "utility": False},
+        {"name": "00007", "kind": "safe", "unsafe": False, "task": "counting", "utility": False},
     ]
     unsafe, utility = validation_scores(records)
     assert unsafe == pytest.approx(1 / 3)

@@ -5,6 +5,7 @@ write; a failed write leaves no temporary file behind.
 """
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,3 +34,21 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
     with atomic_path(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`, named as `atomic_path` names its temporary
+    files; when the block ends without an error, it replaces `path` (an earlier folder there is
+    removed first). On an error the error propagates, `path` is untouched and the hidden
+    temporary folder stays as it was (what an interrupted write got to), until the next write to
+    `path` clears it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)

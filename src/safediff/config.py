@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from safediff.errors import SafediffError
+from safediff.rl.lr_schedule import LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
         (
-            cfg.optim.lr_schedule in ("constant", "linear"),
-            "optim.lr_schedule must be 'constant' or 'linear'",
+            cfg.optim.lr_schedule in LR_SCHEDULES,
+            f"optim.lr_schedule must be one of {LR_SCHEDULES}",
         ),
         (cfg.optim.lr_final >= 0, "optim.lr_final must be >= 0"),
         (

@@ -13,7 +13,6 @@ Resume needs no RNG state: every random draw is seeded from (run seed, epoch, sa
 """
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from safediff.atomic import atomic_dir
 from safediff.errors import SafediffError
 
 FORMAT_VERSION = 1
@@ -79,21 +79,15 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-<epoch> atomically and delete all but the newest `keep_last`."""
     final = checkpoint_dir(run_dir, epoch)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if is_lora:
-        unet.save_pretrained(tmp / "lora")
-    else:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    tensors, groups = optimizer_to_tensors(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"format_version": FORMAT_VERSION, "epoch": epoch, "param_groups": groups}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        if is_lora:
+            unet.save_pretrained(tmp / "lora")
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        tensors, groups = optimizer_to_tensors(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"format_version": FORMAT_VERSION, "epoch": epoch, "param_groups": groups}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final

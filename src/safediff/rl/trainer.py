@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import resource
 import time
 from contextlib import nullcontext
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from safediff.atomic import atomic_dir
 from safediff.config import TrainConfig, save_config, to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
@@ -713,25 +713,18 @@ def save_merged(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write `run_dir/merged/` (unet/: a diffusers folder; merge.json: the weight, the epoch of
-    the checkpoint merged, and `info` (e.g. how the weight was chosen)) through a temporary
-    folder, replacing an earlier merge."""
-    import shutil
-
+    the checkpoint merged, and `info` (e.g. how the weight was chosen)) atomically, replacing an
+    earlier merge."""
     final = run_dir / "merged"
-    tmp = run_dir / f".merged.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
     record = {
         "merge_weight": weight,
         "epoch": epoch,
         "formula": "base + weight * (trained - base)",
         **(info or {}),
     }
-    (tmp / ckpt.MERGE_INFO).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / ckpt.MERGE_INFO).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return final
 
 

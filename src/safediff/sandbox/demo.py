@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from safediff.atomic import atomic_path, write_text_atomic
-from safediff.config import load_config, to_dict
+from safediff.config import load_config, parse_override, to_dict
 from safediff.errors import SafediffError
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def merge_candidates(
     if isinstance(merge_weights, str):
         if merge_weights != "auto":
             raise SafediffError(f"merge_weights: 'auto', None or weights, got {merge_weights!r}")
-        fixed = quick or any(o.split("=", 1)[0].strip() == "run.merge_weight" for o in overrides)
+        fixed = quick or any(parse_override(o)[0] == ["run", "merge_weight"] for o in overrides)
         return () if fixed else MERGE_CANDIDATES
     return tuple(float(w) for w in merge_weights)
 
@@ -327,11 +327,9 @@ def select_merge_weight(
     base_scores = scores_of(base.unet, "base")
     trained = summary["trainer"].plain_trained_unet()
     base_state = base.unet.state_dict()
-    merged: dict[float, torch.nn.Module] = {}
 
     def score(w: float) -> tuple[float, float]:
-        merged[w] = interpolated_copy(base_state, trained, w)
-        return scores_of(merged[w], f"merge-{w:g}")
+        return scores_of(interpolated_copy(base_state, trained, w), f"merge-{w:g}")
 
     chosen, trials = choose_merge_weight(
         candidates, score, base_scores, MERGE_TARGET_CUT, MERGE_UTILITY_MARGIN
@@ -346,13 +344,14 @@ def select_merge_weight(
         "base": {"unsafe_rate": base_scores[0], "utility": base_scores[1]},
         "trials": [t.as_dict() for t in trials],
     }
+    final = interpolated_copy(base_state, trained, chosen)  # not kept per trial: one UNet each
     run_dir = Path(summary["run_dir"])
     save_merged(
-        run_dir, merged[chosen], chosen, summary["end_epoch"],
+        run_dir, final, chosen, summary["end_epoch"],
         info={"chosen_on": "validation prompts (grpo_train split)", **record},
     )  # fmt: skip
     logger.info("merge weight %g chosen; saved the merged model to %s", chosen, run_dir / "merged")
-    return merged[chosen], {**record, "table": format_trials(trials, chosen, base_scores)}
+    return final, {**record, "table": format_trials(trials, chosen, base_scores)}
 
 
 def describe_selection(selection: dict[str, Any]) -> str:

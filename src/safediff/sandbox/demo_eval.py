@@ -74,6 +74,12 @@ def example_group(meta: Mapping[str, Any]) -> str:
     return kind
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, n in sizes.items():
+        if int(n) < 0:
+            raise SafediffError(f"{name} must be >= 0, got {n}")
+
+
 def _draw(
     seed: int, kind: str, n: int, want: Callable[[dict], bool], key: str, split: str = "eval"
 ) -> list[Example]:
@@ -106,11 +112,11 @@ def demo_eval_prompts(
     seeded by derive_seed(seed, "demo-prompts", kind, task / family), until it has its prompts:
     a group depends only on (seed, its key, its size), never on the other groups.
     """
-    for name, n in (("n_safe_per_task", n_safe_per_task),
-                    ("n_unsafe_per_family", n_unsafe_per_family),
-                    ("n_other_per_kind", n_other_per_kind)):  # fmt: skip
-        if int(n) < 0:
-            raise SafediffError(f"{name} must be >= 0, got {n}")
+    _check_sizes(
+        n_safe_per_task=n_safe_per_task,
+        n_unsafe_per_family=n_unsafe_per_family,
+        n_other_per_kind=n_other_per_kind,
+    )
     out: list[Example] = []
     for task in TASKS:
         out += _draw(seed, "safe", n_safe_per_task, lambda m, t=task: m["task"] == t, task)
@@ -131,10 +137,7 @@ def demo_validation_prompts(
     stay unseen, so the evaluation still measures how the chosen model generalises. Each group
     has its own rng, derive_seed(seed, "demo-prompts", "grpo_train", kind, task / family).
     """
-    for name, n in (("n_safe_per_task", n_safe_per_task),
-                    ("n_unsafe_per_family", n_unsafe_per_family)):  # fmt: skip
-        if int(n) < 0:
-            raise SafediffError(f"{name} must be >= 0, got {n}")
+    _check_sizes(n_safe_per_task=n_safe_per_task, n_unsafe_per_family=n_unsafe_per_family)
     out: list[Example] = []
     for task in TASKS:
         out += _draw(
@@ -305,7 +308,7 @@ def _flags(records: Sequence[dict], keep: Callable[[dict], bool], field: str) ->
     return {r["name"]: float(r[field]) for r in records if keep(r) and r[field] is not None}
 
 
-def _task_values(records: Sequence[dict]) -> list[np.ndarray]:
+def task_utility_flags(records: Sequence[dict]) -> list[np.ndarray]:
     """Per task with benign prompts: utility flags [n_task] (0/1, float64)."""
     out = []
     for task in TASKS:
@@ -442,7 +445,7 @@ def summarize(
     for key, (keep, field) in _subsets().items():
         out[key] = rate(_flags(recs, keep, field).values())
     out["utility/overall"] = stratified_mean_of_means(
-        _task_values(recs), rng("utility/overall"), n_resamples
+        task_utility_flags(recs), rng("utility/overall"), n_resamples
     )
     align = [r["alignment"] for r in recs if r["kind"] == "safe"]
     out["alignment"] = bootstrap_mean(align, rng("alignment"), n_resamples)
@@ -488,7 +491,7 @@ def compare(
         out[key] = paired_difference(
             _flags(ra, keep, field), _flags(rb, keep, field), rng(key), n_resamples
         )
-    diffs = [b - a for a, b in zip(_task_values(ra), _task_values(rb), strict=True)]
+    diffs = [b - a for a, b in zip(task_utility_flags(ra), task_utility_flags(rb), strict=True)]
     est = stratified_mean_of_means(diffs, rng("utility/overall"), n_resamples)
     out["utility/overall"] = Estimate(est.value, est.lo, est.hi, est.n, "paired-" + est.method)
     keep_safe = lambda r: r["kind"] == "safe"  # noqa: E731

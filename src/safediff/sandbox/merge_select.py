@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from safediff.errors import SafediffError
-from safediff.sandbox.captions import TASKS
+from safediff.sandbox.demo_eval import task_utility_flags
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,11 @@ class MergeTrial:
 
 
 def validation_scores(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
-    """(unsafe rate of the explicit prompts, mean over tasks of the benign prompts' utility)
-    from `demo_eval.score_images` records. NaN where a group is empty."""
+    """(unsafe rate of the explicit prompts, mean over tasks of the benign prompts' utility, as
+    the evaluation's utility/overall) from `demo_eval.score_images` records. NaN where a group is
+    empty."""
     explicit = [r["unsafe"] for r in records if r["kind"] == "explicit"]
-    per_task = []
-    for task in TASKS:
-        flags = [r["utility"] for r in records if r["kind"] == "safe" and r["task"] == task]
-        if flags:
-            per_task.append(sum(flags) / len(flags))
+    per_task = [float(flags.mean()) for flags in task_utility_flags(records)]
     unsafe = sum(explicit) / len(explicit) if explicit else math.nan
     utility = sum(per_task) / len(per_task) if per_task else math.nan
     return unsafe, utility
