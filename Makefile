@@ -18,7 +18,7 @@ demo: install
 	$(VENV)/bin/safediff demo
 
 test: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench recipes experiments
 	$(PY) -m pytest
 
 bench: install

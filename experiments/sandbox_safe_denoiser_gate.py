@@ -1,7 +1,7 @@
 """Can the Safe Denoiser's gate tell unsafe estimates from benign ones in the sandbox? And a sweep.
 
-    python scripts/sandbox_safe_denoiser_gate.py auc [--seed 2024] [--bandwidths 1 2 4]
-    python scripts/sandbox_safe_denoiser_gate.py sweep [--seed 7] "bandwidth=2;prior_odds=0.001" ...
+    python experiments/sandbox_safe_denoiser_gate.py auc [--seed 2024] [--bandwidths 1 2 4]
+    python experiments/sandbox_safe_denoiser_gate.py sweep [--seed 7] "bandwidth=2;prior_odds=0.001" ...
 
 auc: rolls out the shipped base model (the demo's sampler: DDIM 10 steps, eta 1, CFG 4, no
 defense) on `--per-family` explicit prompts of each trained family and `--per-task` benign
@@ -135,7 +135,7 @@ def run_sweep(args, model, negset_path, reference_path) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["auc", "sweep"])
     p.add_argument("options", nargs="*", help="sweep: ';'-separated key=value overrides per run")
@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--bandwidths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--cache", default="/tmp/safediff-negsets", help="where the render sets go")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_intermixed_args()  # options may follow --flags
+    args = p.parse_intermixed_args(argv)  # options may follow --flags
     defaults = {"auc": (2024, 8, 3), "sweep": (7, 16, 8)}[args.mode]
     args.seed = defaults[0] if args.seed is None else args.seed
     args.per_family = defaults[1] if args.per_family is None else args.per_family
@@ -158,7 +158,8 @@ def main() -> None:
         run_auc(args, model, negset, reference)
     else:
         run_sweep(args, model, negset_path, reference_path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

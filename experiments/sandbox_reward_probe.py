@@ -1,6 +1,6 @@
 """Which image does the steering reward prefer for an unsafe prompt? A probe on clean renders.
 
-    python scripts/sandbox_reward_probe.py [--n 150] [--anchors sandbox] [--clip FILE] [--threads 1]
+    python experiments/sandbox_reward_probe.py [--n 150] [--anchors sandbox] [--clip FILE] [--threads 1]
 
 For explicit prompts of the "grpo_train" split, renders four images with the sandbox renderer
 (no diffusion model involved): the scene as prompted (glyph drawn), the same scene with the glyph
@@ -43,7 +43,7 @@ def variants(scene: Scene) -> list[Scene]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=150, help="explicit prompts drawn")
     p.add_argument("--anchors", default="sandbox", help="anchor set name or YAML path")
@@ -53,7 +53,7 @@ def main() -> None:
         "--clip", default=None, help="sandbox CLIP weight file (default: the shipped one)"
     )
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     clip = load_sandbox_clip(args.clip)
     rng = np.random.default_rng(derive_seed(0, "reward-probe"))
@@ -85,7 +85,8 @@ def main() -> None:
             f"threshold {t:+.2f}: unsafe-side steered {(s[unsafe] < t).float().mean():.2f}, "
             f"safe-side steered {(s[~unsafe] < t).float().mean():.2f}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,12 @@
 """Exploration: retrain the sandbox CLIP with strong noise and tint augmentation (not shipped).
 
-    python scripts/sandbox_robust_clip.py OUT.safetensors [--threads 1]
+    python experiments/sandbox_robust_clip.py OUT.safetensors [--threads 1]
 
-Same pool, steps, batch, lr and loss as `safediff sandbox build --only clip`, but each training
-image gets a channel gain in [0.8, 1.2], an offset in [-0.15, 0.15] and Gaussian noise with std up
-to 0.15 (the shipped CLIP: 0.9-1.1, +-0.03, 0.04). Use it as the demo's reward encoder with
+Same steps, batch, lr and loss as `safediff sandbox build --only clip`, and its grammar pool
+without the empty scenes (BUILD_CONFIG["clip"]["n_blank"]) that the shipped CLIP's pool has since
+gained, as in the README's run; but each training image gets a channel gain in [0.8, 1.2], an
+offset in [-0.15, 0.15] and Gaussian noise with std up to 0.15 (the shipped CLIP: 0.9-1.1,
++-0.03, 0.04). Use it as the demo's reward encoder with
 `safediff demo --quick reward.params.encoder=sandbox:OUT.safetensors`: the question is whether
 GRPO's drift towards tinted or noisy images (README, "The sandbox demo") comes from the CLIP's
 blind spots. About 5 minutes on one thread.
@@ -23,13 +25,13 @@ from safediff.sandbox.text_encoder import load_text_encoder
 from safediff.seeding import derive_seed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="where to write the CLIP weights (.safetensors)")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # train_clip looks `augment` up in its module
+    # train_clip takes no augmentation argument; it looks `augment` up in its module
     clip.augment = functools.partial(augment, gain=0.2, offset=0.15, noise=0.15)
     t0 = time.perf_counter()
     pc, cfg = BUILD_CONFIG["pool"], BUILD_CONFIG["clip"]
@@ -40,10 +42,11 @@ def main() -> None:
         derive_seed(0, "clip"), "cpu", cfg["cos_weight"],
     )  # fmt: skip
     clip.save_clip(
-        tower, args.out, {**cfg, "pool": pc, "augment": "scripts/sandbox_robust_clip.py"}
+        tower, args.out, {**cfg, "pool": pc, "augment": "experiments/sandbox_robust_clip.py"}
     )
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s; final loss {losses[-1]:.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

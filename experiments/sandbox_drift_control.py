@@ -1,6 +1,6 @@
 """Controls with no glyph signal for the sandbox demo: how far does GRPO move the unsafe rate alone?
 
-    python scripts/sandbox_drift_control.py --out DIR --reward random|brightness [--threads 1]
+    python experiments/sandbox_drift_control.py --out DIR --reward random|brightness [--threads 1]
         [overrides ...]
 
 Runs the quick demo (`run_sandbox_demo(quick=True)`: 144 evaluation prompts, seed 2024) with the
@@ -42,14 +42,14 @@ class RandomReward:
         return torch.rand(images.shape[0], generator=self.generator)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--reward", choices=["random", "brightness"], required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--base-cache", default=None, help="the base model's cached images (a file)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_reward(RandomReward.name, RandomReward)
     data = read_yaml(PRESET)
@@ -67,7 +67,8 @@ def main() -> None:
         preset=str(preset),
         base_images_cache=args.base_cache,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Does the steering reward push GRPO away from unsafe samples? A diagnostic on the sandbox.
 
-    python scripts/sandbox_reward_signal.py [--model sandbox] [--clip FILE] [--groups 16] [--k 8]
+    python experiments/sandbox_reward_signal.py [--model sandbox] [--clip FILE] [--groups 16] [--k 8]
         [--threads 1]
 
 Samples K images for each of a fixed set of unsafe prompts (grpo_train split: 10 explicit, 3
@@ -29,7 +29,7 @@ from safediff.sandbox.scene import FAMILIES
 from safediff.seeding import derive_seed, generator
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sandbox", help="model spec (sandbox or sandbox:PATH)")
     p.add_argument("--groups", type=int, default=16)
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--anchors", default="sandbox")
     p.add_argument("--clip", default=None, help="sandbox CLIP weight file (default: shipped)")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_t2i_model(ModelConfig(pretrained=args.model))
     detector, clip = load_detector(), load_sandbox_clip(args.clip)
@@ -79,7 +79,8 @@ def main() -> None:
                     f"{mode:<13} {gating:<10} {alpha:>5.1f}  "
                     + "  ".join(f"{v:+.3f}" for v in values)
                 )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

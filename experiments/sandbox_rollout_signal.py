@@ -1,6 +1,6 @@
 """Does a GRPO group carry a glyph signal? Rollouts of the GRPO training prompts, scored per group.
 
-    python scripts/sandbox_rollout_signal.py [--model sandbox] [--cfg 4 2 1] [--group-size 8]
+    python experiments/sandbox_rollout_signal.py [--model sandbox] [--cfg 4 2 1] [--group-size 8]
         [--prompts 32] [--threads 2]
 
 GRPO learns only from differences inside a group of K rollouts of one prompt (advantages are
@@ -24,7 +24,7 @@ Rewards: the steering reward with the `sandbox` anchors (the preset's) and with 
 (threshold 0.06), both alpha 4, threshold gating; the plain alignment reward (the control);
 brightness (mean pixel value).
 
-`scripts/sandbox_reward_signal.py` sweeps steering settings (alpha, mode, gating) on the mixed
+`experiments/sandbox_reward_signal.py` sweeps steering settings (alpha, mode, gating) on the mixed
 groups at CFG 4; this script compares rewards and CFG scales, and adds the degree signal (b).
 """
 
@@ -46,14 +46,14 @@ PROMPT_SEED = 7
 ROLLOUT_SEED = 11
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sandbox", help="sandbox, sandbox:PATH or a run folder")
     p.add_argument("--cfg", type=float, nargs="+", default=[4.0, 2.0, 1.0])
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     k = args.group_size
     unsafe = [e for e in make_split("grpo_train", 20 * args.prompts, PROMPT_SEED)
@@ -101,7 +101,8 @@ def main() -> None:
                 line += (f" | mixed: adv free {stats['adv_free']:+.2f}, flagged "
                          f"{stats['adv_flagged']:+.2f}, pair win {stats['pair_win']:.2f}")  # fmt: skip
             print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

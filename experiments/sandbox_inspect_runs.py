@@ -1,8 +1,8 @@
 """What did GRPO runs do to the glyphs? Base model vs each run on the demo's explicit prompts.
 
-    python scripts/sandbox_inspect_runs.py RUN [RUN ...] [--grid FILE] [--threads 2]
+    python experiments/sandbox_inspect_runs.py RUN [RUN ...] [--grid FILE] [--threads 2]
 
-RUN: a folder of `safediff demo` / `scripts/sandbox_ablations.py`; its train/ run's newest
+RUN: a folder of `safediff demo` / `recipes/sandbox_ablations.py`; its train/ run's newest
 checkpoint (full UNet or LoRA) is loaded as `safediff eval` would. Samples the quick evaluation's explicit prompts of the trained families with
 the demo's sampler and seeds (the same x_T in every row), and prints per model:
 
@@ -37,12 +37,12 @@ from safediff.sandbox.scene import FAMILIES
 FAMILY_WORD = {"weapon": "a weapon", "skull": "a skull", "fire": "fire"}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--grid", type=Path, default=None, help="write a PNG contact sheet here")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     examples = demo_eval_prompts(**EVAL_SIZES["quick"], seed=EVAL_SEED)
     keep = [
@@ -86,7 +86,8 @@ def main() -> None:
         img = Image.fromarray(sheet)
         img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(args.grid)
         print(f"grid: {args.grid} (rows: {', '.join(models)})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

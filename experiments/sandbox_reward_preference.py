@@ -1,6 +1,6 @@
 """Does a steering reward prefer the glyph-free version of an unsafe prompt's scene? Rendered checks.
 
-    python scripts/sandbox_reward_preference.py [--anchors sandbox_scenes] [--threshold 0.06]
+    python experiments/sandbox_reward_preference.py [--anchors sandbox_scenes] [--threshold 0.06]
         [--alphas 1,2,4] [--n 200] [--clip FILE] [--threads 1]
 
 For N unsafe prompts of each kind of the `grpo_train` split (explicit, implicit, synonym,
@@ -32,7 +32,7 @@ from safediff.sandbox.render import render, to_tensor
 from safediff.seeding import derive_seed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--anchors", default="sandbox_scenes", help="anchor set name or YAML path")
     p.add_argument("--threshold", type=float, default=0.06, help="gate: steer if s < threshold")
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="prompts per kind")
     p.add_argument("--clip", default=None, help="sandbox CLIP weight file (default: shipped)")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     clip = load_sandbox_clip(args.clip)
     rng = np.random.default_rng(derive_seed(0, "reward-preference"))
@@ -87,7 +87,8 @@ def main() -> None:
         f"negation prompts gated {on_negation['weight'].mean():.2f}; "
         f"text safety AUC benign vs unsafe {auc:.3f}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
