@@ -121,6 +121,11 @@ def test_kl_to_reference_is_logged_and_finite(tiny_overrides):
     assert math.isfinite(metrics["train/kl"]) and metrics["train/kl"] > 0
 
 
+# GatedBrightness's config name: a plug-in's (config validation knows the gates of the built-in
+# rewards only and leaves a plug-in's to the trainer's GatedReward check).
+GATED = "reward.name=gated_brightness"
+
+
 class GatedBrightness(BrightnessReward):
     """Brightness with a steering-style gate: weight 1 for the prompts in `steered`, else 0."""
 
@@ -139,7 +144,7 @@ def _params(trainer):
 
 
 def test_kl_scope_unsteered_weights_each_sample_by_one_minus_its_gate(tiny_overrides):
-    kl = [*tiny_overrides, "grpo.kl_coef=0.1", "grpo.inner_epochs=2"]
+    kl = [*tiny_overrides, GATED, "grpo.kl_coef=0.1", "grpo.inner_epochs=2"]
     prompts = load_prompts(load_config(None, kl).prompts.file)
     trainer, _, _ = make_trainer(
         [*kl, "grpo.kl_scope=unsteered"], reward=GatedBrightness(steered=prompts[:1])
@@ -173,8 +178,8 @@ def test_kl_scope_unsteered_weights_each_sample_by_one_minus_its_gate(tiny_overr
 
 
 def test_kl_scope_unsteered_runs_the_reference_only_on_unsteered_transitions(tiny_overrides):
-    kl = [*tiny_overrides, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered", "grpo.inner_epochs=2"]
-    trainer, _, _ = make_trainer(kl, reward=GatedBrightness())
+    kl = [*tiny_overrides, GATED, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered"]
+    trainer, _, _ = make_trainer([*kl, "grpo.inner_epochs=2"], reward=GatedBrightness())
     drawn = [trainer.prompts[i] for i in trainer.sample_prompt_indices(0)]
     trainer.reward.steered = {drawn[0]}  # the epoch's first group steered, the rest not
     weights = trainer.kl_weights(drawn)
@@ -216,14 +221,17 @@ def test_kl_scope_unsteered_runs_the_reference_only_on_unsteered_transitions(tin
 
 
 def test_kl_scope_unsteered_needs_a_gated_reward(tiny_overrides):
-    with pytest.raises(SafediffError, match="needs a reward with a gate"):
-        make_trainer([*tiny_overrides, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered"])
+    kl = [*tiny_overrides, "grpo.kl_coef=0.1", "grpo.kl_scope=unsteered"]
+    with pytest.raises(SafediffError, match="needs a reward with a gate"):  # config validation
+        make_trainer(kl)
+    with pytest.raises(SafediffError, match="needs a reward with a gate"):  # a plug-in: trainer
+        make_trainer([*kl, GATED], reward=BrightnessReward())
     with pytest.raises(SafediffError, match="kl_scope must be"):
         load_config(None, [*tiny_overrides, "grpo.kl_scope=benign"])
 
 
 def test_pg_scope_steered_trains_only_the_steered_prompts_policy_gradient(tiny_overrides):
-    over = [*tiny_overrides, "grpo.pg_scope=steered", "optim.weight_decay=0"]
+    over = [*tiny_overrides, GATED, "grpo.pg_scope=steered", "optim.weight_decay=0"]
     trainer, _, _ = make_trainer(over, reward=GatedBrightness())
     drawn = [trainer.prompts[i] for i in trainer.sample_prompt_indices(0)]
     trainer.reward.steered = {drawn[0]}  # the epoch's first group steered, the rest not
@@ -257,7 +265,9 @@ def test_pg_scope_steered_trains_only_the_steered_prompts_policy_gradient(tiny_o
 
 def test_pg_scope_steered_needs_a_gated_reward(tiny_overrides):
     with pytest.raises(SafediffError, match="pg_scope 'steered' needs a reward with a gate"):
-        make_trainer([*tiny_overrides, "grpo.pg_scope=steered"])
+        make_trainer([*tiny_overrides, "grpo.pg_scope=steered"])  # config validation
+    with pytest.raises(SafediffError, match="pg_scope 'steered' needs a reward with a gate"):
+        make_trainer([*tiny_overrides, GATED, "grpo.pg_scope=steered"], reward=BrightnessReward())
     with pytest.raises(SafediffError, match="pg_scope must be"):
         load_config(None, [*tiny_overrides, "grpo.pg_scope=unsafe"])
 
@@ -288,7 +298,7 @@ def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_pa
         f"unsafe prompt {i},unsafe" for i in range(2)
     ]
     csv = _write_csv(tmp_path / "kinds.csv", "prompt,kind", rows)
-    over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
+    over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=kind"]
     cfg = load_config(None, over)
     model = load_t2i_model(cfg.model, device="cpu")
     prompts, kinds = load_prompt_kinds(str(csv))
@@ -304,20 +314,20 @@ def test_prompts_stratify_draws_the_kinds_in_their_shares(tiny_overrides, tmp_pa
         assert all(per_sample[g * k : (g + 1) * k] == [groups[g]] * k for g in range(n_groups))
         drawn += [kinds[i] for i in groups]
     assert drawn.count("unsafe") == round(len(drawn) / 4)  # the list's share, 2 of 8
-    with pytest.raises(SafediffError, match="prompts.stratify needs prompt kinds"):
-        make_trainer([*tiny_overrides, "prompts.stratify=true"])
+    with pytest.raises(SafediffError, match="prompts.stratify=kind needs prompt kinds"):
+        make_trainer([*tiny_overrides, "prompts.stratify=kind"])
 
 
-def test_prompts_stratify_by_kind_family_draws_each_family_its_share(tiny_overrides, tmp_path):
+def test_prompts_stratify_kind_family_draws_each_family_its_share(tiny_overrides, tmp_path):
     rows = [f"safe prompt {i},safe," for i in range(4)] + [
         f"unsafe prompt {i},unsafe,{'violence' if i < 3 else 'sexual'}" for i in range(4)
     ]
     csv = _write_csv(tmp_path / "families.csv", "prompt,kind,categories", rows)
-    over = [*tiny_overrides, f"prompts.file={csv}", "prompts.stratify=true"]
+    over = [*tiny_overrides, f"prompts.file={csv}"]
     prompts, kinds, families = load_prompt_labels(str(csv))
 
-    def unsafe_families(stratify_by: str) -> Counter:
-        cfg = load_config(None, [*over, f"prompts.stratify_by={stratify_by}"])
+    def unsafe_families(stratify: str) -> Counter:
+        cfg = load_config(None, [*over, f"prompts.stratify={stratify}"])
         trainer = GRPOTrainer(
             cfg,
             load_t2i_model(cfg.model, device="cpu"),
@@ -338,17 +348,33 @@ def test_prompts_stratify_by_kind_family_draws_each_family_its_share(tiny_overri
         "violence": n_unsafe * 3 // 4,
         "sexual": n_unsafe // 4,
     }
-    with pytest.raises(SafediffError, match="stratify_by=kind_family needs prompt families"):
+    with pytest.raises(SafediffError, match="stratify=kind_family needs prompt families"):
         GRPOTrainer(
-            load_config(None, [*over, "prompts.stratify_by=kind_family"]),
+            load_config(None, [*over, "prompts.stratify=kind_family"]),
             load_t2i_model(load_config(None, over).model, device="cpu"),
             BrightnessReward(),
             prompts,
             Accelerator(cpu=True),
             kinds=kinds,
         )
-    with pytest.raises(SafediffError, match="stratify_by must be"):
-        load_config(None, [*over, "prompts.stratify_by=family"])
+    with pytest.raises(SafediffError, match="stratify must be one of none, kind, kind_family"):
+        load_config(None, [*over, "prompts.stratify=family"])
+
+
+def test_resume_reads_the_old_stratify_spelling_of_a_saved_run(tmp_path):
+    """A run saved before prompts.stratify became one option resumes under today's spelling."""
+    import yaml
+
+    from safediff.config import to_dict
+    from safediff.rl.trainer import _check_saved_config
+
+    saved = to_dict(load_config(None, ["prompts.stratify=kind_family"]))
+    saved["prompts"].update(stratify=True, stratify_by="kind_family")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved), encoding="utf-8")
+    _check_saved_config(path, load_config(None, ["prompts.stratify=kind_family"]), tmp_path)
+    with pytest.raises(SafediffError, match="prompts.stratify was 'kind_family', now 'kind'"):
+        _check_saved_config(path, load_config(None, ["prompts.stratify=kind"]), tmp_path)
 
 
 def test_non_finite_loss_stops_training_before_any_update(tiny_overrides, monkeypatch):

@@ -4,10 +4,22 @@ A config is built as: dataclass defaults <- preset YAML (optional) <- overrides 
 (values parsed as YAML scalars/lists). Unknown keys and wrongly typed values are errors that name
 the key and list the valid ones. The resolved config is written as `config.yaml` beside every
 run's outputs, and loading that file gives the same config back.
+
+Every field carries its help text and its rule in `field(metadata=doc(...))`: the help, the
+valid range of a number or the choices of a string, and whether the option is experimental (only
+the sandbox recipe uses it). That one source feeds validation (`validate`), `safediff config
+--explain` (`explain`) and docs/config.md (`config_markdown`; regenerate it with
+`python -m safediff.config --markdown > docs/config.md`). Spellings of earlier versions still
+load, with a warning (`upgrade_legacy`).
 """
 
 import dataclasses
+import json
+import logging
 import math
+import re
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,253 +32,697 @@ import yaml
 from safediff.errors import SafediffError
 from safediff.rl.lr_schedule import LR_SCHEDULES
 
+logger = logging.getLogger(__name__)
+
+EXPERIMENTAL_NOTE = "Experimental (only the sandbox recipe uses it; may change)."
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed or open interval a number must lie in; floats must also be finite.
+
+    Written as text in a field's metadata: '>= 0', '> 0', '[0, 1)', '(0, 1]', ...
+    """
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Bounds":
+        m = re.fullmatch(r"\s*(>=|>)\s*(\S+)\s*", text)
+        if m:
+            return cls(lo=float(m[2]), lo_open=m[1] == ">", text=text)
+        m = re.fullmatch(r"\s*([\[(])\s*([^,]+),\s*([^\])]+)([\])])\s*", text)
+        if m:
+            return cls(
+                lo=float(m[2]),
+                hi=float(m[3]),
+                lo_open=m[1] == "(",
+                hi_open=m[4] == ")",
+                text=text,
+            )
+        raise ValueError(f"bad bounds {text!r}: use '>= a', '> a' or an interval like '[a, b)'")
+
+    def __contains__(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def describe(self, is_float: bool) -> str:
+        """'finite, >= 0' for a float field, '>= 1' for an int one; intervals as 'in [0, 1)'."""
+        text = self.text.strip()
+        text = text if text[0] in "<>" else f"in {text}"
+        return f"finite, {text}" if is_float else text
+
+
+def doc(
+    text: str,
+    *,
+    bounds: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    experimental: bool = False,
+) -> dict[str, Any]:
+    """The `metadata` of a config field: `field(default=..., metadata=doc("help", ...))`.
+
+    text: the help. bounds: the valid range of a number (see `Bounds`), checked by `validate`
+    (None always passes where the field is optional). choices: the valid values of a string.
+    experimental: only the sandbox recipe needs the option (said in its help and in
+    docs/config.md).
+    """
+    return {
+        "help": " ".join(text.split()),
+        "bounds": Bounds.parse(bounds) if bounds else None,
+        "choices": choices,
+        "experimental": experimental,
+    }
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The full help of a config field: its text, the experimental note and its rule."""
+    meta = f.metadata
+    parts = [meta.get("help", "")]
+    if meta.get("experimental"):
+        parts.insert(0, EXPERIMENTAL_NOTE)
+    rule = field_rule(f)
+    if rule:
+        parts.append(f"Valid: {rule}.")
+    return " ".join(p for p in parts if p)
+
+
+def field_rule(f: dataclasses.Field) -> str:
+    """'finite, > 0', 'one of group, pooled', ... ('' for a field without a rule)."""
+    if f.metadata.get("bounds") is not None:
+        return f.metadata["bounds"].describe(_is_float(f.type))
+    if f.metadata.get("choices"):
+        return "one of " + ", ".join(f.metadata["choices"])
+    return ""
+
+
+def _is_float(tp: Any) -> bool:
+    """Whether annotation `tp` is float or an optional float."""
+    return tp is float or float in typing.get_args(tp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config sections
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    pretrained: str = "tiny-sd"
-    """Base model: 'tiny-sd' (built offline), a local diffusers folder, or a hub id."""
-    unet_weights: str | None = None
-    """Optional bare UNet .safetensors (e.g. checkpoint_epoch_N/diffusion_pytorch_model.safetensors)
-    swapped into the base pipeline."""
-    lora_weights: str | None = None
-    """Optional peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. a
-    trainer checkpoint's lora/), merged into the UNet after `unet_weights` is applied."""
-    revision: str | None = None
-    """Hub revision of `pretrained` (ignored for folders)."""
-    resolution: int | None = None
-    """Image size in pixels; None keeps the model's default (UNet sample_size x VAE factor)."""
+    pretrained: str = field(
+        default="tiny-sd",
+        metadata=doc(
+            "Base model: 'tiny-sd' (built offline), a local diffusers folder, or a hub id."
+        ),
+    )
+    unet_weights: str | None = field(
+        default=None,
+        metadata=doc(
+            "Optional bare UNet .safetensors (e.g. "
+            "checkpoint_epoch_N/diffusion_pytorch_model.safetensors) swapped into the base pipeline."
+        ),
+    )
+    lora_weights: str | None = field(
+        default=None,
+        metadata=doc(
+            "Optional peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, "
+            "e.g. a trainer checkpoint's lora/), merged into the UNet after `unet_weights` is "
+            "applied."
+        ),
+    )
+    revision: str | None = field(
+        default=None, metadata=doc("Hub revision of `pretrained` (ignored for folders).")
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata=doc(
+            "Image side in pixels; null keeps the model's default (UNet sample_size x VAE factor). "
+            "Must also be a multiple of the model's VAE factor x UNet downsampling (8 x 8 for SD "
+            "1.5), which is checked when the model loads.",
+            bounds=">= 1",
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    num_steps: int = 50
-    """DDIM steps per rollout."""
-    eta: float = 1.0
-    """DDIM stochasticity; training needs eta > 0 (a deterministic step has no log-prob)."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance scale; 1.0 turns CFG off."""
-    negative_prompt: str = ""
-    """Unconditional prompt for CFG (the reference uses the empty prompt)."""
-    rollout_batch_size: int = 8
-    """Samples denoised together in one UNet call during rollouts (memory knob only)."""
-    shared_noise: bool = False
-    """Reference quirk: one noise tensor shared by every sample of a rollout batch."""
+    num_steps: int = field(
+        default=50,
+        metadata=doc(
+            "DDIM steps per rollout (at most the model's training timesteps, 1000 for SD, checked "
+            "when the schedule is built).",
+            bounds=">= 1",
+        ),
+    )
+    eta: float = field(
+        default=1.0,
+        metadata=doc(
+            "DDIM stochasticity: the step's std is eta x sigma_t (1 = DDPM-like). Training needs "
+            "eta > 0: a deterministic step has no log-prob.",
+            bounds="(0, 1]",
+        ),
+    )
+    guidance_scale: float = field(
+        default=5.0,
+        metadata=doc(
+            "Classifier-free guidance scale; 1 turns CFG off (and skips the unconditional pass).",
+            bounds=">= 1",
+        ),
+    )
+    negative_prompt: str = field(
+        default="",
+        metadata=doc("Unconditional prompt for CFG (the reference uses the empty prompt)."),
+    )
+    rollout_batch_size: int = field(
+        default=8,
+        metadata=doc(
+            "Samples denoised together in one UNet call during rollouts (a memory knob only).",
+            bounds=">= 1",
+        ),
+    )
+    shared_noise: bool = field(
+        default=False,
+        metadata=doc(
+            "Reference quirk: one noise tensor shared by every sample of a rollout batch."
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    group_size: int = 16
-    """K: samples per prompt. Advantages are normalised within each group."""
-    samples_per_process: int = 64
-    """Samples each process generates per epoch; groups may span processes."""
-    adv_clip: float = 2.5
-    """A_max: advantages are clipped to [-A_max, A_max]."""
-    adv_eps: float = 1e-4
-    """Added to the std before dividing."""
-    adv_scale: str = "group"
-    """What the advantages are divided by: 'group' (GRPO's: each group's own reward std) or
-    'pooled' (one within-group std pooled over the epoch's groups, so a group whose rewards differ
-    by little gets small advantages instead of unit-spread ones)."""
-    clip_range: float = 1e-4
-    """PPO clip c on the ratio of per-element *mean* log-probs (see logprob_reduction)."""
-    logprob_reduction: str = "mean"
-    """'mean' (the reference's: c bounds the geometric-mean per-element ratio) or 'sum' (the true
-    log-density of the whole latent; use a far larger c)."""
-    kl_coef: float = 0.0
-    """Weight of the KL to the reference policy (0 turns it off and skips the reference pass)."""
-    kl_scope: str = "all"
-    """Which samples the KL term holds: 'all', or 'unsteered': each sample's KL is weighted by
-    1 - w, w the reward's gate weight for its prompt (a reward with `prompt_targets`, i.e. the
-    steering reward), so prompts the reward leaves unsteered stay near the reference while
-    steered ones move freely."""
-    pg_scope: str = "all"
-    """Which samples the policy-gradient term trains: 'all' (GRPO's), or 'steered': each sample's
-    advantage is multiplied by w, the reward's gate weight for its prompt (as for kl_scope), so
-    prompts the reward does not steer get no policy gradient and, with kl_scope 'unsteered', are
-    held by the KL term alone. A departure from the method, which also trains safe prompts on the
-    plain alignment reward: where that reward is noise to the model (the sandbox's CLIP), its
-    policy gradient is drift."""
-    timestep_fraction: float = 1.0
-    """Fraction of each trajectory's denoising steps that are trained, drawn per sample."""
-    train_last_step: bool = True
-    """Reference quirk when False: the last denoising step is never trained."""
-    min_step_std: float = 0.0
-    """Steps whose sampling std sigma_t(eta) is at most this are not trained (nor KL-penalised).
-    A deterministic step (std 0) never is. A near-deterministic last step (e.g. std 0.009 in the
-    sandbox's 10-step schedule) has log-prob ratios and KL terms that explode for any change of its
-    mean, so they drown the other steps' gradient after norm clipping."""
-    train_cfg: bool = True
-    """Recompute log-probs with CFG during training (as sampled). False trains the conditional
-    branch alone."""
-    inner_epochs: int = 1
-    """Passes over each epoch's stored trajectories."""
-    micro_batch: int = 8
-    """Transitions (sample, timestep) per forward/backward pass."""
-    grad_accum: int = 0
-    """Micro-batches per optimizer step; 0 = one optimizer step per inner epoch."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip; 0 turns it off."""
+    group_size: int = field(
+        default=16,
+        metadata=doc(
+            "K: samples per prompt. Advantages are normalised within each group (a group of 1 has "
+            "no spread).",
+            bounds=">= 2",
+        ),
+    )
+    samples_per_process: int = field(
+        default=64,
+        metadata=doc(
+            "Samples each process generates per epoch; groups may span processes. Samples per "
+            "process x processes must be a multiple of group_size (checked when training starts).",
+            bounds=">= 1",
+        ),
+    )
+    adv_clip: float = field(
+        default=2.5, metadata=doc("A_max: advantages are clipped to [-A_max, A_max].", bounds="> 0")
+    )
+    adv_eps: float = field(
+        default=1e-4, metadata=doc("Added to the std before dividing.", bounds=">= 0")
+    )
+    adv_scale: str = field(
+        default="group",
+        metadata=doc(
+            "What the advantages are divided by: 'group' (GRPO's: each group's own reward std) or "
+            "'pooled' (one within-group std pooled over the epoch's groups, so a group whose rewards "
+            "differ by little gets small advantages instead of unit-spread ones).",
+            choices=("group", "pooled"),
+            experimental=True,
+        ),
+    )
+    clip_range: float = field(
+        default=1e-4,
+        metadata=doc(
+            "PPO clip c on the ratio of per-element *mean* log-probs (see logprob_reduction).",
+            bounds="> 0",
+        ),
+    )
+    logprob_reduction: str = field(
+        default="mean",
+        metadata=doc(
+            "'mean' (the reference's: c bounds the geometric-mean per-element ratio) or 'sum' (the "
+            "true log-density of the whole latent; use a far larger c).",
+            choices=("mean", "sum"),
+        ),
+    )
+    kl_coef: float = field(
+        default=0.0,
+        metadata=doc(
+            "Weight of the KL to the reference policy (0 turns it off and skips the reference pass).",
+            bounds=">= 0",
+        ),
+    )
+    kl_scope: str = field(
+        default="all",
+        metadata=doc(
+            "Which samples the KL term holds: 'all', or 'unsteered': each sample's KL is weighted by "
+            "1 - w, w the reward's gate weight for its prompt, so prompts the reward leaves "
+            "unsteered stay near the reference while steered ones move freely. 'unsteered' needs a "
+            "reward with a gate (a `GatedReward`: the steering reward).",
+            choices=("all", "unsteered"),
+            experimental=True,
+        ),
+    )
+    pg_scope: str = field(
+        default="all",
+        metadata=doc(
+            "Which samples the policy-gradient term trains: 'all' (GRPO's), or 'steered': each "
+            "sample's advantage is multiplied by w, the reward's gate weight for its prompt (as for "
+            "kl_scope), so prompts the reward does not steer get no policy gradient and, with "
+            "kl_scope 'unsteered', are held by the KL term alone. A departure from the method, which "
+            "also trains safe prompts on the plain alignment reward: where that reward is noise to "
+            "the model (the sandbox's CLIP), its policy gradient is drift. 'steered' needs a reward "
+            "with a gate (the steering reward).",
+            choices=("all", "steered"),
+            experimental=True,
+        ),
+    )
+    timestep_fraction: float = field(
+        default=1.0,
+        metadata=doc(
+            "Fraction of each trajectory's denoising steps that are trained, drawn per sample.",
+            bounds="(0, 1]",
+        ),
+    )
+    train_last_step: bool = field(
+        default=True,
+        metadata=doc("Reference quirk when false: the last denoising step is never trained."),
+    )
+    min_step_std: float = field(
+        default=0.0,
+        metadata=doc(
+            "Steps whose sampling std sigma_t(eta) is at most this are not trained (nor "
+            "KL-penalised); a deterministic step (std 0) never is. A near-deterministic last step "
+            "(e.g. std 0.009 in the sandbox's 10-step schedule) has log-prob ratios and KL terms "
+            "that explode for any change of its mean, so they drown the other steps' gradient after "
+            "norm clipping.",
+            bounds=">= 0",
+            experimental=True,
+        ),
+    )
+    train_cfg: bool = field(
+        default=True,
+        metadata=doc(
+            "Recompute log-probs with CFG during training (as sampled); false trains the conditional "
+            "branch alone."
+        ),
+    )
+    inner_epochs: int = field(
+        default=1, metadata=doc("Passes over each epoch's stored trajectories.", bounds=">= 1")
+    )
+    micro_batch: int = field(
+        default=8,
+        metadata=doc("Transitions (sample, timestep) per forward/backward pass.", bounds=">= 1"),
+    )
+    grad_accum: int = field(
+        default=0,
+        metadata=doc(
+            "Micro-batches per optimizer step; 0 = one optimizer step per inner epoch.",
+            bounds=">= 0",
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=doc("Gradient-norm clip; 0 turns it off.", bounds=">= 0")
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-5
-    lr_schedule: str = "constant"
-    """'constant', or 'linear': epoch e of run.epochs trains at lr + (lr_final - lr) * e /
-    run.epochs (set once per epoch; a run that uses it cannot be resumed with other run.epochs)."""
-    lr_final: float = 0.0
-    """Where the 'linear' schedule heads (the last epoch stops one epoch's step short of it)."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
+    lr: float = field(default=1e-5, metadata=doc("AdamW learning rate.", bounds="> 0"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=doc(
+            "'constant', or 'linear': epoch e of run.epochs trains at lr + (lr_final - lr) x e / "
+            "run.epochs (set once per epoch; a run that uses it cannot be resumed with other "
+            "run.epochs).",
+            choices=LR_SCHEDULES,
+            experimental=True,
+        ),
+    )
+    lr_final: float = field(
+        default=0.0,
+        metadata=doc(
+            "Where the 'linear' schedule heads (the last epoch stops one epoch's step short of it); "
+            "unused by 'constant'.",
+            bounds=">= 0",
+            experimental=True,
+        ),
+    )
+    beta1: float = field(
+        default=0.9,
+        metadata=doc("AdamW decay rate of the first-moment (mean) estimate.", bounds="[0, 1)"),
+    )
+    beta2: float = field(
+        default=0.999,
+        metadata=doc("AdamW decay rate of the second-moment (variance) estimate.", bounds="[0, 1)"),
+    )
+    weight_decay: float = field(
+        default=1e-4, metadata=doc("AdamW decoupled weight decay (0 turns it off).", bounds=">= 0")
+    )
+    eps: float = field(
+        default=1e-8,
+        metadata=doc(
+            "AdamW term added to the root of the second moment for stability.", bounds="> 0"
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    enabled: bool = False
-    """Train a peft LoRA adapter on the UNet instead of every weight."""
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    enabled: bool = field(
+        default=False,
+        metadata=doc("Train a peft LoRA adapter on the UNet instead of every weight."),
+    )
+    rank: int = field(
+        default=8, metadata=doc("LoRA rank r of each adapted weight's update B A.", bounds=">= 1")
+    )
+    alpha: float = field(
+        default=8.0, metadata=doc("LoRA alpha: the update is scaled by alpha / rank.", bounds="> 0")
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata=doc("Dropout on the LoRA branch's input during training.", bounds="[0, 1)"),
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata=doc("UNet module names (suffixes) that get an adapter."),
+    )
 
 
 @dataclass(frozen=True)
 class RewardConfig:
-    name: str = "brightness"
-    """Reward plug-in name (see safediff.rewards.registry)."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the reward's builder; unknown ones are errors."""
+    name: str = field(
+        default="brightness", metadata=doc("Reward plug-in name (see safediff.rewards.registry).")
+    )
+    params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=doc(
+            "Keyword arguments of the reward's builder, checked by name and type against its "
+            "signature when the reward is built (e.g. steering: encoder, anchors, alpha, mode, "
+            "gating, threshold, temperature; see safediff.rewards.clip_rewards). Three of them "
+            "overlap on the encoder's precision: `dtype` (its weights' dtype), `precision` (an "
+            "open_clip precision such as 'amp' or 'fp16', which overrides dtype for open_clip and "
+            "HPSv2 encoders) and `autocast` (a torch.autocast dtype around encoding); set one."
+        ),
+    )
+
+
+STRATIFY_CHOICES = ("none", "kind", "kind_family")
 
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    file: str = "builtin:smoke"
-    """Training prompts: a text file (one per line), a CSV with a 'prompt' column, or
-    'builtin:NAME' for a prompt list shipped with safediff."""
-    stratify: bool = False
-    """Draw each epoch's prompts kind by kind, in the prompt list's own kind shares (a CSV's
-    'kind' column; sandbox splits carry one), so every epoch holds the same mix of kinds at every
-    seed; prompts within a kind are still drawn uniformly. False: uniform draws, whose mix of
-    kinds varies from epoch to epoch and seed to seed."""
-    stratify_by: str = "kind"
-    """What `stratify` keeps in its shares: 'kind', or 'kind_family': each (kind, family) pair,
-    the family being a sandbox caption's concept family or a CSV's categories, so each unsafe
-    family also gets its share of every kind's prompts (prompts without a family stratify by
-    kind alone)."""
+    file: str = field(
+        default="builtin:smoke",
+        metadata=doc(
+            "Training prompts: a text file (one per line), a CSV with a 'prompt' column, "
+            "'sandbox:SPLIT[:N]', or 'builtin:NAME' for a prompt list shipped with safediff."
+        ),
+    )
+    stratify: str = field(
+        default="none",
+        metadata=doc(
+            "How each epoch's prompts are drawn. 'none': uniformly, so the mix of kinds varies from "
+            "epoch to epoch and seed to seed. 'kind': kind by kind in the prompt list's own kind "
+            "shares (a CSV's 'kind' column; sandbox splits carry one), so every epoch holds the "
+            "same mix of kinds at every seed; prompts within a kind are still drawn uniformly. "
+            "'kind_family': each (kind, family) pair keeps its share, the family being a sandbox "
+            "caption's concept family or a CSV's categories (prompts without a family stratify by "
+            "kind alone). Replaces the old `stratify: true` + `stratify_by: KIND`, which still load "
+            "with a warning.",
+            choices=STRATIFY_CHOICES,
+            experimental=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    output_dir: str = "runs/safediff"
-    """Everything the run writes goes under this folder."""
-    seed: int = 0
-    """Base seed; every draw derives its own seed from it (epoch, sample, ...)."""
-    epochs: int = 300
-    stop_after_epochs: int | None = None
-    """End this session after this many epochs (e.g. a time-limited job slot); resume later."""
-    mixed_precision: str = "no"
-    """'no', 'fp16' or 'bf16' (autocast via accelerate)."""
-    gradient_checkpointing: bool = False
-    save_every: int = 10
-    """Checkpoint every N epochs (the last epoch is always saved)."""
-    keep_last: int = 3
-    """Checkpoints kept on disk; older ones are deleted."""
-    log_with: str = "auto"
-    """'auto' (tensorboard when installed), 'tensorboard', 'wandb' or 'none'."""
-    num_processes: int | None = None
-    """World size the preset was tuned for; a different one is allowed but logged."""
-    merge_weight: float = 1.0
-    """The run's final model is base + merge_weight * (trained - base) (weight interpolation,
-    `safediff.models.interpolate`), written to `merged/unet` when it is not 1; checkpoints keep
-    the trained weights, so a finished run can be merged again with another weight."""
+    output_dir: str = field(
+        default="runs/safediff", metadata=doc("Everything the run writes goes under this folder.")
+    )
+    seed: int = field(
+        default=0,
+        metadata=doc(
+            "Base seed; every draw derives its own seed from it (epoch, sample, ...).",
+            bounds=">= 0",
+        ),
+    )
+    epochs: int = field(
+        default=300, metadata=doc("Training epochs of the whole run.", bounds=">= 1")
+    )
+    stop_after_epochs: int | None = field(
+        default=None,
+        metadata=doc(
+            "End this session after this many epochs (e.g. a time-limited job slot); resume later. "
+            "null: run to run.epochs.",
+            bounds=">= 1",
+        ),
+    )
+    mixed_precision: str = field(
+        default="no", metadata=doc("Autocast via accelerate.", choices=("no", "fp16", "bf16"))
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=doc("Recompute UNet activations in the backward pass (less memory, more time)."),
+    )
+    save_every: int = field(
+        default=10,
+        metadata=doc("Checkpoint every N epochs (the last epoch is always saved).", bounds=">= 1"),
+    )
+    keep_last: int = field(
+        default=3, metadata=doc("Checkpoints kept on disk; older ones are deleted.", bounds=">= 1")
+    )
+    log_with: str = field(
+        default="auto",
+        metadata=doc(
+            "Experiment tracker: 'auto' (tensorboard when installed), 'tensorboard', 'wandb' or "
+            "'none'.",
+            choices=("auto", "tensorboard", "wandb", "none"),
+        ),
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata=doc(
+            "World size the preset was tuned for; a different one is allowed but logged. null: any.",
+            bounds=">= 1",
+        ),
+    )
+    merge_weight: float = field(
+        default=1.0,
+        metadata=doc(
+            "The run's final model is base + merge_weight x (trained - base) (weight "
+            "interpolation, `safediff.models.interpolate`), written to `merged/unet` when it is not "
+            "1; checkpoints keep the trained weights, so a finished run can be merged again with "
+            "another weight. 1 keeps the trained weights.",
+            bounds=">= 0",
+            experimental=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata=doc("The diffusion model to post-train.")
+    )
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig, metadata=doc("The DDIM sampler of the rollouts.")
+    )
+    grpo: GRPOConfig = field(
+        default_factory=GRPOConfig,
+        metadata=doc("GRPO: groups, advantages, the clipped loss and its KL term."),
+    )
+    optim: OptimConfig = field(
+        default_factory=OptimConfig,
+        metadata=doc("The AdamW optimizer and its learning-rate schedule."),
+    )
+    lora: LoRAConfig = field(
+        default_factory=LoRAConfig,
+        metadata=doc("Optional LoRA adapter instead of full fine-tuning."),
+    )
+    reward: RewardConfig = field(
+        default_factory=RewardConfig, metadata=doc("The reward the samples are scored with.")
+    )
+    prompts: PromptsConfig = field(
+        default_factory=PromptsConfig,
+        metadata=doc("The training prompts and how each epoch draws them."),
+    )
+    run: RunConfig = field(
+        default_factory=RunConfig,
+        metadata=doc("Output folder, seed, length, checkpoints, logging."),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
 
 
+# Built-in rewards and whether each has a per-prompt gate (is a `GatedReward`, with
+# `prompt_targets`). Config validation decides the kl_scope / pg_scope rules from this table;
+# a plug-in reward (a name not listed) is checked by the trainer against the protocol instead.
+# tests/test_config.py checks the table against the registry's builders.
+REWARD_HAS_GATE: dict[str, bool] = {
+    "brightness": False,
+    "steering": True,
+    "alignment": False,
+    "unsafe_penalty": False,
+    "weighted": False,
+}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of config dataclass `obj` (and its sections) against its rule: numbers
+    finite and in their bounds, strings among their choices. One-line SafediffError naming the
+    key, the valid range and the value."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{key}.")
+            continue
+        bounds, choices = f.metadata.get("bounds"), f.metadata.get("choices")
+        if value is None:
+            continue
+        if bounds is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value not in bounds
+        ):
+            rule = bounds.describe(_is_float(f.type))
+            raise SafediffError(f"invalid config: {key} must be {rule}; got {value!r}")
+        if choices and value not in choices:
+            raise SafediffError(
+                f"invalid config: {key} must be one of {', '.join(choices)}; got {value!r}"
+            )
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks, each with a message that names the fields."""
+    """Each field against its own rule (`check_fields`), then the cross-field rules, each with a
+    message that names the fields and the fix."""
+    check_fields(cfg)
+    g, reward = cfg.grpo, cfg.reward.name
+    ungated = REWARD_HAS_GATE.get(reward) is False
     checks = [
-        (cfg.sampling.num_steps >= 1, "sampling.num_steps must be >= 1"),
-        (cfg.sampling.eta > 0, "sampling.eta must be > 0 for GRPO (eta = 0 has no log-prob)"),
-        (cfg.sampling.guidance_scale >= 1.0, "sampling.guidance_scale must be >= 1.0"),
-        (cfg.sampling.rollout_batch_size >= 1, "sampling.rollout_batch_size must be >= 1"),
-        (cfg.grpo.group_size >= 2, "grpo.group_size must be >= 2 (a group of 1 has no spread)"),
-        (cfg.grpo.samples_per_process >= 1, "grpo.samples_per_process must be >= 1"),
-        (cfg.grpo.adv_clip > 0, "grpo.adv_clip must be > 0"),
         (
-            cfg.grpo.adv_scale in ("group", "pooled"),
-            "grpo.adv_scale must be 'group' or 'pooled'",
-        ),
-        (cfg.grpo.clip_range > 0, "grpo.clip_range must be > 0"),
-        (
-            cfg.optim.lr_schedule in LR_SCHEDULES,
-            f"optim.lr_schedule must be one of {LR_SCHEDULES}",
-        ),
-        (cfg.optim.lr_final >= 0, "optim.lr_final must be >= 0"),
-        (
-            math.isfinite(cfg.run.merge_weight) and cfg.run.merge_weight >= 0,
-            "run.merge_weight must be finite and >= 0 (1 keeps the trained weights)",
+            not (g.kl_scope == "unsteered" and g.kl_coef > 0 and ungated),
+            f"grpo.kl_scope 'unsteered' needs a reward with a gate (reward.name=steering); "
+            f"{reward!r} has none: use grpo.kl_scope=all",
         ),
         (
-            cfg.prompts.stratify_by in ("kind", "kind_family"),
-            "prompts.stratify_by must be 'kind' or 'kind_family'",
-        ),
-        (
-            cfg.grpo.logprob_reduction in ("mean", "sum"),
-            "grpo.logprob_reduction must be 'mean' or 'sum'",
-        ),
-        (cfg.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
-        (
-            cfg.grpo.kl_scope in ("all", "unsteered"),
-            "grpo.kl_scope must be 'all' or 'unsteered'",
-        ),
-        (
-            cfg.grpo.pg_scope in ("all", "steered"),
-            "grpo.pg_scope must be 'all' or 'steered'",
-        ),
-        (0 < cfg.grpo.timestep_fraction <= 1, "grpo.timestep_fraction must be in (0, 1]"),
-        (cfg.grpo.min_step_std >= 0, "grpo.min_step_std must be >= 0"),
-        (cfg.grpo.inner_epochs >= 1, "grpo.inner_epochs must be >= 1"),
-        (cfg.grpo.micro_batch >= 1, "grpo.micro_batch must be >= 1"),
-        (cfg.grpo.grad_accum >= 0, "grpo.grad_accum must be >= 0"),
-        (cfg.grpo.max_grad_norm >= 0, "grpo.max_grad_norm must be >= 0"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.lora.rank >= 1, "lora.rank must be >= 1"),
-        (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
-        (cfg.run.save_every >= 1, "run.save_every must be >= 1"),
-        (cfg.run.keep_last >= 1, "run.keep_last must be >= 1"),
-        (
-            cfg.run.mixed_precision in ("no", "fp16", "bf16"),
-            "run.mixed_precision must be 'no', 'fp16' or 'bf16'",
-        ),
-        (
-            cfg.run.log_with in ("auto", "tensorboard", "wandb", "none"),
-            "run.log_with must be 'auto', 'tensorboard', 'wandb' or 'none'",
-        ),
-        (
-            cfg.run.stop_after_epochs is None or cfg.run.stop_after_epochs >= 1,
-            "run.stop_after_epochs must be >= 1",
+            not (g.pg_scope == "steered" and ungated),
+            f"grpo.pg_scope 'steered' needs a reward with a gate (reward.name=steering); "
+            f"{reward!r} has none: use grpo.pg_scope=all",
         ),
         (cfg.prompts.file.strip() != "", "prompts.file must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
             raise SafediffError(f"invalid config: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Help: `safediff config --explain` and docs/config.md
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML / on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value) if value == "" or value != value.strip() else value
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def explain(cfg: TrainConfig, width: int = 100) -> str:
+    """Every field with its value, default, type and help (marked '*' where not the default)."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"{section.name}: {section.metadata.get('help', '')}")
+        sub = getattr(cfg, section.name)
+        hints = _field_types(type(sub))
+        for f in dataclasses.fields(sub):
+            value, default = getattr(sub, f.name), _field_default(f)
+            mark = "*" if value != default else " "
+            lines.append(
+                f"{mark} {section.name}.{f.name} = {_show(value)}"
+                f"  ({_type_name(hints[f.name])}, default {_show(default)})"
+            )
+            lines += textwrap.wrap(
+                field_help(f), width, initial_indent="      ", subsequent_indent="      "
+            )
+        lines.append("")
+    lines.append("* = differs from the default")
+    return "\n".join(lines)
+
+
+def config_markdown() -> str:
+    """docs/config.md: every field of TrainConfig with its type, default, rule and help."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m safediff.config --markdown > docs/config.md` from the field "
+        "help in src/safediff/config.py; do not edit by hand. -->",
+        "",
+        "A run's config is built as: defaults <- a preset (`--preset NAME` or a YAML path) <- "
+        "dotted overrides (`grpo.group_size=8`). `safediff config --explain --preset NAME "
+        "[KEY=VALUE ...]` prints the same reference with the values of that config. Numbers must "
+        "be finite and in the range each option gives; a value outside it is a one-line error. "
+        "Options marked *experimental* are used only by the sandbox recipe.",
+        "",
+    ]
+    for section in dataclasses.fields(TrainConfig):
+        section_cls = _field_types(TrainConfig)[section.name]
+        hints = _field_types(section_cls)
+        lines += [f"## `{section.name}`", "", section.metadata["help"], ""]
+        for f in dataclasses.fields(section_cls):
+            meta = f.metadata
+            facts = [f"`{_type_name(hints[f.name])}`", f"default `{_show(_field_default(f))}`"]
+            rule = field_rule(f)
+            if rule:
+                facts.append(f"valid: {rule}")
+            if meta.get("experimental"):
+                facts.append("*experimental*")
+            lines.append(f"- **`{section.name}.{f.name}`** ({'; '.join(facts)}). {meta['help']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite spellings of earlier versions (with a warning) so old presets and saved run
+    configs still load: `prompts.stratify: true|false` + `prompts.stratify_by: kind|kind_family`
+    -> `prompts.stratify: none|kind|kind_family`."""
+    prompts = data.get("prompts")
+    if not isinstance(prompts, dict):
+        return data
+    old = prompts.get("stratify", "none")
+    if "stratify_by" not in prompts and not isinstance(old, bool):
+        return data
+    prompts = dict(prompts)
+    by = prompts.pop("stratify_by", "kind")
+    # The old flag, or the new option beside an old stratify_by (which then says by what).
+    on = old if isinstance(old, bool) else old != "none"
+    new = by if on else "none"
+    logger.warning(
+        "prompts.stratify=%s with prompts.stratify_by=%s is deprecated; write "
+        "prompts.stratify=%s (one of %s)",
+        _show(old),
+        _show(by),
+        _show(new),
+        ", ".join(STRATIFY_CHOICES),
+    )
+    prompts["stratify"] = new
+    return {**data, "prompts": prompts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +869,7 @@ def load_config(
         for part in reversed(parts[:-1]):
             update = {part: update}
         data = _merge(data, update)
-    return _build(cls, data)
+    return _build(cls, upgrade_legacy(data))
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -426,3 +882,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def replace(cfg: Any, **changes: Any) -> Any:
     """dataclasses.replace that re-validates (frozen configs are changed only by copy)."""
     return dataclasses.replace(cfg, **changes)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m safediff.config --markdown > docs/config.md")
+    print(config_markdown(), end="")

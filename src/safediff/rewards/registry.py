@@ -2,13 +2,17 @@
 
 `REWARD_BUILDERS` maps a name to a builder (a class or function) whose keyword arguments are the
 reward's `params` in the config, plus `device`, which the registry passes itself. `build_reward`
-checks the params against the builder's signature so a typo fails before any model is loaded.
+checks the params against the builder's signature, names and types (from its annotations), so a
+typo or a wrong type fails with one line before any model is loaded (`check_reward_params`).
 Plug-ins add themselves with `register_reward`.
 """
 
 import functools
 import inspect
-from collections.abc import Callable
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,19 +63,84 @@ def _builder_params(builder: Callable[..., Any]) -> tuple[dict[str, inspect.Para
     return params, var_kw
 
 
-def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardFn:
-    """Build the reward `cfg.name` with keyword arguments `cfg.params` (and `device`).
+def _builder_hints(builder: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of `builder`'s parameters ({} where they cannot be resolved)."""
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    target = target.__init__ if isinstance(target, type) else target
+    try:
+        return typing.get_type_hints(target)
+    except (NameError, TypeError):  # a plug-in with unresolvable annotations: names still checked
+        return {}
 
-    Errors (SafediffError) name what was wrong: an unknown reward (listing the known ones), an
-    unknown, missing or `device` param (listing the valid ones), or a value the builder rejects.
-    """
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a config value (a YAML scalar, list or mapping) fits annotation `tp`. Floats must
+    be finite; ints are accepted for floats; annotations this check does not know pass."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            return False
+        item = args[0] if args and origin is not tuple else Any
+        return all(_fits(v, item) for v in value)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        try:
+            return isinstance(value, tp)
+        except TypeError:  # a protocol that is not runtime-checkable: no config value is one
+            return False
+    return True
+
+
+_TYPE_WORDS = {
+    float: "a finite number",
+    int: "an integer",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
+}
+
+
+def _describe(tp: Any) -> str:
+    """Annotation `tp` in words, naming only what a config can hold ('a string or null')."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        words = [w for w in (_describe(arg) for arg in typing.get_args(tp)) if w]
+        return " or ".join(dict.fromkeys(words)) or str(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if tp in _TYPE_WORDS:
+        return _TYPE_WORDS[tp]
+    origin = typing.get_origin(tp) or tp
+    if origin in (list, tuple, Sequence):
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return ""  # an object type (an encoder, an anchor set): not spelled in a config
+
+
+def check_reward_params(cfg: RewardConfig) -> None:
+    """Check `cfg.params` against the builder of `cfg.name`: known names, required ones given,
+    and each value of the type the builder's annotation asks for. One-line SafediffError naming
+    the reward, the key, the expected type and the fix."""
     builder = REWARD_BUILDERS.get(cfg.name)
     if builder is None:
         raise SafediffError(
             f"unknown reward {cfg.name!r}; known rewards: {', '.join(sorted(REWARD_BUILDERS))}"
         )
     params, var_kw = _builder_params(builder)
-    takes_device = "device" in params or var_kw
     valid = sorted(k for k in params if k != "device")
     valid_text = ", ".join(valid) or "(none)"
     if "device" in cfg.params:
@@ -96,9 +165,44 @@ def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> Rewar
             f"reward {cfg.name!r} needs param {missing[0]!r} (set reward.params.{missing[0]}=...); "
             f"valid params: {valid_text}"
         )
+    hints = _builder_hints(builder)
+    for key, value in cfg.params.items():
+        tp = hints.get(key)
+        if tp is None or _fits(value, tp):
+            continue
+        expected = _describe(tp) or str(tp)
+        default = params[key].default if key in params else inspect.Parameter.empty
+        fix = (
+            f"e.g. reward.params.{key}={_yaml(default)} (its default)"
+            if default is not inspect.Parameter.empty
+            else f"set reward.params.{key} to {expected}"
+        )
+        raise SafediffError(
+            f"reward {cfg.name!r}: reward.params.{key}={value!r} must be {expected}; {fix}"
+        )
 
+
+def _yaml(value: Any) -> str:
+    """A default as it is written in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def build_reward(cfg: RewardConfig, device: torch.device | str = "cpu") -> RewardFn:
+    """Build the reward `cfg.name` with keyword arguments `cfg.params` (and `device`).
+
+    Errors (SafediffError) name what was wrong: an unknown reward (listing the known ones), an
+    unknown, missing, wrongly typed or `device` param (see `check_reward_params`), or a value the
+    builder rejects.
+    """
+    check_reward_params(cfg)
+    builder = REWARD_BUILDERS[cfg.name]
+    params, var_kw = _builder_params(builder)
     kwargs = dict(cfg.params)
-    if takes_device:
+    if "device" in params or var_kw:
         kwargs["device"] = device
     try:
         reward = builder(**kwargs)
