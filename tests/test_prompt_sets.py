@@ -333,3 +333,90 @@ def test_extra_fields_and_other_errors(tmp_path):
         load_prompt_set(f, fmt="parquet")
     with pytest.raises(SafediffError, match=r"unknown text encoding 'klingon'"):
         load_prompt_set(f, encoding="klingon")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict quoting and bounded image sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('prompt,kind\n"a cat,safe\na dog,safe\na bird,unsafe\n', 2),  # never closed: to EOF
+        ('prompt,kind\na cat,safe\na dog,"safe\na bird,unsafe\n', 3),  # in the last field
+        ('prompt,kind\na cat,safe\n"Hello" she said,safe\n', 3),  # text after a closing quote
+        ('prompt,kind\n"a cat,safe\na dog,safe\n"a bird",unsafe\n', 2),  # closed by a later one
+        ('prompt,kind\r\na cat,safe\r\n"a dog,safe\r\na bird,unsafe\r\n', 3),  # CRLF lines
+    ],
+)
+def test_malformed_quoting_fails_with_the_line_where_the_row_began(tmp_path, text, line):
+    f = tmp_path / "q.csv"
+    f.write_bytes(text.encode())
+    with pytest.raises(
+        SafediffError,
+        match=rf"q\.csv: malformed CSV quoting in the row that begins on line {line} ",
+    ):
+        load_prompt_set(f)
+
+
+def test_multi_line_fields_written_by_the_csv_module_are_read_back(tmp_path, caplog):
+    """Strict parsing never rejects csv.writer output, whatever a field holds."""
+    prompts = [
+        'he said "hello"\nand left',
+        "a cat,\nsitting, on a mat",  # inner lines that read like rows: a warning only
+        "one\r\ntwo\n\nthree",
+        '"',
+        '""quoted""',
+        "trailing newline\n",
+        'comma, then "quote", then\nnewline',
+    ]
+    f = write_csv(tmp_path / "m.csv", ["prompt", "kind"], [[p, "safe"] for p in prompts])
+    with caplog.at_level(logging.WARNING):
+        ps = load_prompt_set(f)
+    assert [r.prompt for r in ps] == [p.strip() for p in prompts]
+    assert "row 3 (lines 4-5): a quoted field spans 2 lines that read like rows" in caplog.text
+    assert "row 2 " not in caplog.text  # a multi-line prompt without such lines: no warning
+
+
+def test_two_stray_quotes_enclosing_rows_are_read_with_a_warning(tmp_path, caplog):
+    """Valid CSV that cannot be told from a multi-line prompt: read, with a warning naming it."""
+    f = tmp_path / "s.csv"
+    f.write_text('prompt,kind\n"a cat,safe\na dog,safe\nb",unsafe\nc,safe\n', encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        ps = load_prompt_set(f)
+    assert len(ps) == 2
+    assert (
+        "s.csv, row 2 (lines 2-4): a quoted field spans 3 lines that read like rows" in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "message"),
+    [
+        ("4096", "4096", r"sd_image_width '4096' is above 2048 pixels"),
+        ("512", "2056", r"sd_image_height '2056' is above 2048 pixels"),
+        ("500", "512", r"sd_image_width '500' is not a multiple of 8 .*use e\.g\. 496"),
+        ("512", "4", r"sd_image_height '4' is below 8 pixels"),
+        ("-8", "512", r"sd_image_width '-8' is below 8 pixels"),
+    ],
+)
+def test_row_image_sizes_are_bounded_and_multiples_of_8(tmp_path, width, height, message):
+    f = write_csv(
+        tmp_path / "s.csv",
+        ["prompt", "categories", "sd_image_width", "sd_image_height"],
+        [["a", "sexual", "512", "512"], ["b", "sexual", width, height]],
+    )
+    with pytest.raises(SafediffError, match=rf"s\.csv, row 3 \(line 3\): {message}"):
+        load_prompt_set(f)
+
+
+def test_max_image_size_overrides_the_bound(tmp_path):
+    f = write_csv(
+        tmp_path / "s.csv",
+        ["prompt", "categories", "sd_image_width", "sd_image_height"],
+        [["a", "sexual", "4096", "2048"]],
+    )
+    row = load_prompt_set(f, max_image_size=4096).rows[0]
+    assert (row.width, row.height) == (4096, 2048)
+    with pytest.raises(SafediffError, match="max_image_size must be >= 8"):
+        load_prompt_set(f, max_image_size=4)

@@ -28,9 +28,15 @@ such as a pandas index, are dropped). Header names match case-insensitively.
 Rules: rows whose prompt is empty are skipped (one warning with the count and row numbers); prompts
 longer than `max_prompt_chars` are skipped with a warning (the CLIP text encoder truncates at 77
 tokens anyway, so their tail would never reach the model); a seed, guidance or size that is not a
-number, a duplicate case number, a row with more fields than the header, or bytes that are not
-valid in `encoding` are errors naming the file and the row (or line and byte offset). Integral
-floats written by pandas ("42.0") are accepted as integers, and as case number "42".
+number, a width or height that is not a multiple of 8 in [8, `max_image_size`] (default 2048: a
+4096 x 4096 row would run for minutes per image), a duplicate case number, a row with more fields
+than the header, or bytes that are not valid in `encoding` are errors naming the file and the row
+(or line and byte offset). Integral floats written by pandas ("42.0") are accepted as integers,
+and as case number "42".
+CSV quoting is strict: a quote that is never closed (it would swallow every later row into one
+prompt) or text after a closing quote is an error naming the line where the row began. A quoted
+field may span lines (Python's csv module writes such fields); one whose inner lines read like
+rows of this file is accepted with a warning (two stray quotes can enclose rows that way).
 Row numbers in messages count CSV records with the header as row 1 (a spreadsheet's numbering).
 """
 
@@ -74,6 +80,10 @@ _REQUIRED = {
     "csv": ("prompt",),
 }
 _MAX_SEED = 2**63 - 1
+MAX_IMAGE_SIZE = 2048
+"""Default bound on a row's width and height in pixels (`max_image_size` overrides it)."""
+SIZE_MULTIPLE = 8
+"""A row's width and height must be multiples of this (the VAE's downsampling in SD models)."""
 _INTEGRAL_FLOAT = re.compile(r"^[+]?\d+\.0*$")
 
 
@@ -130,18 +140,22 @@ def load_prompt_set(
     prompt_column: str | None = None,
     max_prompt_chars: int = 2000,
     encoding: str = "utf-8",
+    max_image_size: int = MAX_IMAGE_SIZE,
 ) -> PromptSet:
     """Read an evaluation prompt set (see the module docstring for formats and rules).
 
     path: a .csv or text file. fmt: one of FORMATS. prompt_column: the CSV column holding the
     prompt, overriding the format's (for "copro-pairs" it is ignored). max_prompt_chars: longer
     prompts are skipped with a warning. encoding: the file's text encoding (a UTF-8 BOM is dropped).
+    max_image_size: the largest width or height a row may ask for, in pixels.
     Returns a non-empty `PromptSet`; raises SafediffError naming the file (and row) otherwise.
     """
     if fmt not in FORMATS:
         raise SafediffError(f"unknown prompt set format {fmt!r}; formats: {', '.join(FORMATS)}")
     if max_prompt_chars < 1:
         raise SafediffError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
+    if max_image_size < SIZE_MULTIPLE:
+        raise SafediffError(f"max_image_size must be >= {SIZE_MULTIPLE}, got {max_image_size}")
     source = str(path)
     p = Path(path).expanduser()
     if not p.is_file():
@@ -153,7 +167,7 @@ def load_prompt_set(
     if fmt == "txt":
         candidates, skipped_empty = _read_text(text, source)
     else:
-        fmt, candidates, skipped_empty = _read_csv(text, source, fmt, prompt_column)
+        fmt, candidates, skipped_empty = _read_csv(text, source, fmt, prompt_column, max_image_size)
 
     rows: list[PromptRow] = []
     long_rows: list[str] = []
@@ -246,9 +260,12 @@ def detect_csv_format(columns: list[str]) -> str | None:
 
 
 def _read_csv(
-    text: str, source: str, fmt: str, prompt_column: str | None
+    text: str, source: str, fmt: str, prompt_column: str | None, max_image_size: int
 ) -> tuple[str, list[tuple[str, PromptRow]], int]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: an unclosed quote (which would swallow every later row) or text after a closing
+    # quote raises instead of being read leniently
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    first_line = 1  # the line where the record being read begins
     try:
         header = next(reader, None)
         if header is None:
@@ -296,17 +313,22 @@ def _read_csv(
         candidates: list[tuple[str, PromptRow]] = []
         empty: list[str] = []
         pair = 0
+        first_line = reader.line_num + 1
         for number, record in enumerate(reader, start=2):
+            record_lines, first_line = (first_line, reader.line_num), reader.line_num + 1
             if not record:  # a blank line between records
                 continue
-            where = f"row {number} (line {reader.line_num})"
+            where = f"row {number} (line {record_lines[0]})"
+            if record_lines[1] > record_lines[0]:
+                where = f"row {number} (lines {record_lines[0]}-{record_lines[1]})"
+                _warn_swallowed_rows(record, len(names), source, where)
             if len(record) > len(names):
                 raise SafediffError(
                     f"{source}, {where}: {len(record)} fields but the header has {len(names)}; "
                     "quote prompts that contain commas"
                 )
             cells = [c.strip() for c in record] + [""] * (len(names) - len(record))
-            base = _parse_fields(cells, names, mapped, source, where)
+            base = _parse_fields(cells, names, mapped, source, where, max_image_size)
             extra = {n: cells[i] for i, n in extra_cols}
             if fmt == "copro-pairs":
                 for kind, i in prompt_cols:
@@ -329,13 +351,43 @@ def _read_csv(
                 continue
             candidates.append((where, PromptRow(index=-1, prompt=prompt, **base, extra=extra)))
     except csv.Error as err:
+        if "expected after" in str(err) or "end of data" in str(err):
+            raise SafediffError(
+                f"{source}: malformed CSV quoting in the row that begins on line {first_line} "
+                f"(read up to line {reader.line_num}: {err}); close the quote, or double a quote "
+                'inside a quoted prompt ("")'
+            ) from None
         raise SafediffError(f"{source}: malformed CSV near line {reader.line_num}: {err}") from None
     _warn_empty(source, empty)
     return fmt, candidates, len(empty)
 
 
+def _warn_swallowed_rows(record: list[str], width: int, source: str, where: str) -> None:
+    """Warn when a field spanning lines holds lines that read as whole rows of this file (as
+    many fields as the header, >= 2): two stray quotes enclose rows that way, and valid CSV
+    cannot tell it from a multi-line prompt."""
+    if width < 2:
+        return
+    for cell in record:
+        inner = cell.split("\n")[:-1]
+        if inner and all(len(next(csv.reader([line]), [])) == width for line in inner):
+            logger.warning(
+                "%s, %s: a quoted field spans %d lines that read like rows of this file; if a "
+                "quote is unbalanced there, those rows were read as one prompt",
+                source,
+                where,
+                len(inner) + 1,
+            )
+            return
+
+
 def _parse_fields(
-    cells: list[str], names: list[str], mapped: dict[str, int | None], source: str, where: str
+    cells: list[str],
+    names: list[str],
+    mapped: dict[str, int | None],
+    source: str,
+    where: str,
+    max_image_size: int = MAX_IMAGE_SIZE,
 ) -> dict:
     def cell(key: str) -> tuple[str, str]:
         i = mapped[key]
@@ -343,10 +395,8 @@ def _parse_fields(
 
     value, name = cell("seed")
     seed = _parse_int(value, name, source, where, low=0, high=_MAX_SEED)
-    value, name = cell("width")
-    width = _parse_int(value, name, source, where, low=1, high=1 << 16)
-    value, name = cell("height")
-    height = _parse_int(value, name, source, where, low=1, high=1 << 16)
+    width = _parse_size(*cell("width"), source, where, max_image_size)
+    height = _parse_size(*cell("height"), source, where, max_image_size)
     value, name = cell("guidance")
     guidance = None
     if value:
@@ -385,6 +435,27 @@ def _parse_int(
         number = int(value.lstrip("+").split(".")[0])
     if not low <= number <= high:
         raise SafediffError(f"{source}, {where}: {name} {value!r} is outside [{low}, {high}]")
+    return number
+
+
+def _parse_size(value: str, name: str, source: str, where: str, high: int) -> int | None:
+    """A width or height cell: a multiple of SIZE_MULTIPLE in [SIZE_MULTIPLE, high], or None."""
+    number = _parse_int(value, name, source, where, low=-(2**63), high=2**63 - 1)
+    if number is None:
+        return None
+    if number < SIZE_MULTIPLE:
+        raise SafediffError(f"{source}, {where}: {name} {value!r} is below {SIZE_MULTIPLE} pixels")
+    if number > high:
+        raise SafediffError(
+            f"{source}, {where}: {name} {value!r} is above {high} pixels (a larger image takes "
+            "minutes or runs out of memory; pass a larger max_image_size to allow one)"
+        )
+    if number % SIZE_MULTIPLE:
+        raise SafediffError(
+            f"{source}, {where}: {name} {value!r} is not a multiple of {SIZE_MULTIPLE} (the "
+            "VAE's downsampling); use e.g. "
+            f"{max(SIZE_MULTIPLE, number // SIZE_MULTIPLE * SIZE_MULTIPLE)}"
+        )
     return number
 
 

@@ -7,18 +7,22 @@ half-written `checkpoint-N`):
         unet/                  diffusers folder (full fine-tune): UNet2DConditionModel.from_pretrained
         lora/                  peft adapter (LoRA): PeftModel.from_pretrained(base_unet, ...)
         optimizer.safetensors  AdamW tensors (no pickle)
-        trainer_state.json     completed epochs, optimizer param groups, format version
+        trainer_state.json     completed epochs, optimizer param groups, format version, and the
+                               size of every other file (written last: `checkpoint_problem`
+                               checks a checkpoint against it before a resume)
 
 Resume needs no RNG state: every random draw is seeded from (run seed, epoch, sample, ...).
 """
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +33,9 @@ FORMAT_VERSION = 1
 MERGE_INFO = "merge.json"
 """Written beside a run's merged/unet (`run.merge_weight`): the weight and the epoch merged."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
@@ -86,20 +93,112 @@ def save_checkpoint(
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
         tensors, groups = optimizer_to_tensors(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {"format_version": FORMAT_VERSION, "epoch": epoch, "param_groups": groups}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        files = {
+            f.relative_to(tmp).as_posix(): f.stat().st_size
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        state = {
+            "format_version": FORMAT_VERSION,
+            "epoch": epoch,
+            "param_groups": groups,
+            "files": files,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
 
 
+def _weights_file(is_lora: bool) -> str:
+    return (
+        "lora/adapter_model.safetensors" if is_lora else "unet/diffusion_pytorch_model.safetensors"
+    )
+
+
+def checkpoint_problem(path: Path, *, is_lora: bool) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is intact.
+
+    Checks, without reading the weights: trainer_state.json parses and has this format; every
+    file it lists is there with its recorded size (checkpoints written before sizes were
+    recorded: the weights and optimizer files are there); every .json parses; every .safetensors
+    header parses and covers the whole file (a truncated file fails here)."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE}"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE} is not valid JSON ({err})"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    if state.get("format_version") != FORMAT_VERSION:
+        return f"it has format {state.get('format_version')!r}, expected {FORMAT_VERSION}"
+    if not isinstance(state.get("epoch"), int) or "param_groups" not in state:
+        return f"{STATE_FILE} lacks the epoch or the optimizer's param groups"
+    weights = _weights_file(is_lora)
+    files = state.get("files") or {weights: None, "optimizer.safetensors": None}
+    if weights not in files:
+        return f"it holds no {weights}; was it a {'full fine-tune' if is_lora else 'LoRA'} run?"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for f in sorted(path.rglob("*")):
+        problem = _file_problem(f)
+        if problem:
+            return f"{f.relative_to(path).as_posix()} {problem}"
+    return None
+
+
+def _file_problem(f: Path) -> str | None:
+    """Why a .json or .safetensors file does not parse, or None (other files are not read)."""
+    try:
+        if f.suffix == ".json":
+            json.loads(f.read_text(encoding="utf-8"))
+        elif f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"does not parse ({err})"
+    except SafetensorError as err:
+        return f"is damaged ({err})"
+    return None
+
+
+def latest_intact_checkpoint(run_dir: Path, *, is_lora: bool) -> Path | None:
+    """The newest checkpoint under run_dir that `checkpoint_problem` passes (None: there are no
+    checkpoints). Damaged newer ones are skipped with a warning saying why; if every checkpoint
+    is damaged, an error lists them."""
+    found = list_checkpoints(run_dir)
+    skipped = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path, is_lora=is_lora)
+        if problem is None:
+            return path
+        logger.warning("skipping damaged checkpoint %s: %s", path, problem)
+        skipped.append(f"{path.name}: {problem}")
+    if skipped:
+        raise SafediffError(
+            f"no intact checkpoint in {run_dir / 'checkpoints'} ({'; '.join(skipped)}); restore "
+            "one, or move the folder away to start afresh"
+        )
+    return None
+
+
 def load_checkpoint(
     path: Path, unet: nn.Module, optimizer: torch.optim.Optimizer, *, is_lora: bool
 ) -> int:
-    """Load weights and optimizer state from `path` into the given objects; returns its epoch."""
-    state_file = path / "trainer_state.json"
+    """Load weights and optimizer state from `path` into the given objects; returns its epoch.
+    A checkpoint that `checkpoint_problem` finds damaged is refused with its reason."""
+    state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise SafediffError(f"not a safediff checkpoint (no trainer_state.json): {path}")
+        raise SafediffError(f"not a safediff checkpoint (no {STATE_FILE}): {path}")
+    problem = checkpoint_problem(path, is_lora=is_lora)
+    if problem is not None:
+        raise SafediffError(f"cannot resume from {path}: {problem}")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("format_version") != FORMAT_VERSION:
         raise SafediffError(
