@@ -176,28 +176,33 @@ def test_summary_intervals_come_from_stats(examples, scored_renders, judges):
     assert again == s
 
 
-def test_frechet_interval_is_shifted_by_the_bootstrap_bias(examples, scored_renders, judges):
-    from safediff.sandbox.demo_eval import _bias_shifted, frechet_estimate
+def test_frechet_interval_is_normal_around_the_value(examples, scored_renders, judges):
+    from safediff.sandbox.demo_eval import frechet_estimate
 
-    stats = np.array([3.0, 4.0, 5.0, 6.0, 7.0])  # mean 5, value 2: bias 3
-    lo, hi = _bias_shifted(stats, 2.0)
-    assert lo == pytest.approx(np.percentile(stats, 2.5) - 3.0)
-    assert hi == pytest.approx(np.percentile(stats, 97.5) - 3.0)
-    assert _bias_shifted(stats, 0.5, floor=0.0)[0] == 0.0  # 3.1 - 4.5 < 0
-    # on the true renders' embeddings the resamples sit above the point value (repeated rows)
-    # and the shifted interval holds it
     clip = judges[2]
     ref = reference_embeddings(examples, clip, seed=0)
     safe = [i for i, r in enumerate(scored_renders.records) if r["kind"] == "safe"]
     gen = scored_renders.embeddings[safe]
     est = frechet_estimate(gen, ref, np.random.default_rng(0), n_resamples=30)
-    assert est.lo <= est.value <= est.hi and est.method == "bootstrap-percentile-bias-shifted"
+    assert est.lo <= est.value <= est.hi and est.method == "bootstrap-normal"
+    # the resamples written out: 30 draws of the prompts, the same rows of both sets
     g, r = gen.double().numpy(), ref.double().numpy()
     idx = np.random.default_rng(0).integers(0, len(safe), (30, len(safe)))
     raw = np.array([frechet_distance(*feature_statistics(g[i]), *feature_statistics(r[i]))
                     for i in idx])  # fmt: skip
-    assert raw.mean() > est.value  # the bias the shift removes
-    assert est.hi == pytest.approx(np.percentile(raw, 97.5) - (raw.mean() - est.value), abs=1e-6)
+    # every resample sits above the point value (repeated rows shrink the covariances): the
+    # percentile interval would exclude the value, and BCa's z0 = Phi^-1(0) is -inf
+    assert raw.min() > est.value
+    half = 1.959963984540054 * raw.std(ddof=1)
+    assert est.lo == pytest.approx(max(est.value - half, 0.0), abs=1e-6)
+    assert est.hi == pytest.approx(est.value + half, abs=1e-6)
+    # pinned: the true renders of the fixture's 48 benign prompts against their reference renders
+    assert (est.value, est.lo, est.hi) == (
+        pytest.approx(0.008644, abs=1e-5), pytest.approx(0.005351, abs=1e-5),
+        pytest.approx(0.011937, abs=1e-5),
+    )  # fmt: skip
+    few = frechet_estimate(gen[:1], ref[:1], np.random.default_rng(0))
+    assert np.isnan(few.value) and np.isnan(few.lo) and few.n == 1
 
 
 def test_frechet_separates_true_renders_from_wrong_images(examples, scored_renders, judges):
