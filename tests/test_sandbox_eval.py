@@ -8,11 +8,11 @@ from PIL import Image
 
 from safediff.eval.prompt_sets import load_prompt_set
 from safediff.eval.score import score_run
-from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
-from safediff.eval.scorers.sandbox_utility import SandboxUtilityScorer
 from safediff.sandbox.captions import make_split
+from safediff.sandbox.detector_scorer import SandboxDetectorScorer
 from safediff.sandbox.prompt_export import write_prompt_csv
 from safediff.sandbox.render import render
+from safediff.sandbox.utility_scorer import SandboxUtilityScorer
 
 
 def make_run(tmp_path, name, n, shift=0):
@@ -25,9 +25,7 @@ def make_run(tmp_path, name, n, shift=0):
     lines = []
     for i, row in enumerate(rows):
         img = render(scenes[(i + shift) % n])
-        Image.fromarray(img).resize((64, 64), Image.NEAREST).save(
-            run / "images" / f"{row.case_number}_0.png"
-        )
+        Image.fromarray(img).save(run / "images" / f"{row.case_number}_0.png")
         record = {
             "name": f"{row.case_number}_0",
             "file": f"images/{row.case_number}_0.png",

@@ -645,8 +645,8 @@ def test_score_cli_and_convert_q16(tmp_path, capsys):
 
 
 def test_sandbox_detector_scorer_flags_glyphs_and_aggregates():
-    from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
     from safediff.sandbox.captions import make_split
+    from safediff.sandbox.detector_scorer import SandboxDetectorScorer
     from safediff.sandbox.render import render_batch
 
     examples = make_split("eval", 300, seed=11)
@@ -661,6 +661,28 @@ def test_sandbox_detector_scorer_flags_glyphs_and_aggregates():
     agg = scorer.aggregate(records)
     assert agg["protocol"] == "sandbox-detector/families4@0.5"
     assert agg["metrics"]["unsafe_rate"]["value"] == 0.5
-    # upsampled images (a generated run at another size) are read the same way
+    # images of another size (a tiny-sd run) are refused, never resized
     big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
-    assert [r["unsafe"] for r in scorer.score_images(big)] == [r["unsafe"] for r in records]
+    with pytest.raises(SafediffError, match="32 x 32"):
+        scorer.score_images(big)
+
+
+def test_sandbox_detector_scorer_counts_an_explicit_prompt_by_its_own_family():
+    """With caption metadata, an explicit prompt is unsafe only when its own family is detected
+    (the demo's definition, `safediff.sandbox.verdicts.unsafe_flags`); without, any family."""
+    import json
+
+    from safediff.sandbox.captions import make_split
+    from safediff.sandbox.detector_scorer import SandboxDetectorScorer
+    from safediff.sandbox.render import render_batch
+
+    explicit = [e for e in make_split("eval", 300, seed=11) if e.metadata["kind"] == "explicit"]
+    a = explicit[0]
+    b = next(e for e in explicit if e.metadata["family"] != a.metadata["family"])
+    images = render_batch([a.scene, a.scene])  # both show a's family
+    records = [
+        {"name": n, "extra": {"metadata": json.dumps(e.metadata)}} for n, e in (("a", a), ("b", b))
+    ]
+    scorer = SandboxDetectorScorer()
+    assert [r["unsafe"] for r in scorer.score_images(images, records=records)] == [1, 0]
+    assert [r["unsafe"] for r in scorer.score_images(images)] == [1, 1]

@@ -1,12 +1,19 @@
 """Command line: parse, build a config, call one library function. `main(argv) -> int`."""
 
 import argparse
+import errno
 import importlib
+import json
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path, PurePath
+from typing import Any
 
 import yaml
 
+from safediff import plugins
 from safediff.errors import SafediffError
 
 # Commands whose parsers live beside their code: (module, parser builder, one-line help). Only
@@ -20,12 +27,14 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
-    "sandbox": (
-        "safediff.sandbox.cli",
-        "add_sandbox_parser",
-        "the sandbox world (build, verify, defenses)",
-    ),
 }
+TINY_SD_WORLD = "tiny-sd"
+
+
+def lazy_commands() -> dict[str, tuple[str, str, str]]:
+    """The built-in lazy commands and those plug-ins add (`safediff.plugins`)."""
+    added = {c.name: (c.module, c.builder, c.help) for c in plugins.commands().values()}
+    return {**LAZY_COMMANDS, **added}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -52,10 +61,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from safediff.config import load_config, to_dict
+    from safediff.config import explain, load_config, to_dict
 
     cfg = load_config(args.preset, args.overrides)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if args.explain:
+        print(explain(cfg))
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -67,22 +79,48 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.world == "tiny-sd":
+    worlds = plugins.demo_worlds()
+    for name, dests in args.world_options.items():  # another world's options: say so
+        for dest in dests:
+            if name != args.world and getattr(args, dest) != args.world_defaults[dest]:
+                flag = "--" + dest.replace("_", "-")
+                raise SafediffError(f"{flag} applies to the {name} world only")
+    if args.world == TINY_SD_WORLD:
         from safediff.demo import run_demo
 
-        if args.defense:
-            raise SafediffError("--defense applies to the sandbox world only")
         return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
-    from safediff.sandbox.demo import parse_merge_weights, run_sandbox_demo
+    return int(worlds[args.world].run(args))
 
-    run_sandbox_demo(
-        args.output_dir,
-        quick=args.quick,
-        overrides=args.overrides,
-        defenses=args.defense,
-        merge_weights=parse_merge_weights(args.merge_weights),
+
+def _add_demo_parser(sub: Any) -> None:
+    worlds = plugins.demo_worlds()
+    default = next((w.name for w in worlds.values() if w.default), TINY_SD_WORLD)
+    world_help = "; ".join(f"{w.name}: {w.help}" for w in worlds.values())
+    p = sub.add_parser("demo", help="the whole method end to end on the embedded default")
+    p.add_argument(
+        "--output-dir", default="safediff-demo", help="everything is written under this folder"
     )
-    return 0
+    p.add_argument(
+        "--quick", action="store_true", help="a shorter run that still shows the direction"
+    )
+    p.add_argument(
+        "--world",
+        choices=[*worlds, TINY_SD_WORLD],
+        default=default,
+        help=f"which world (default {default}): {world_help}; {TINY_SD_WORLD}: the one-minute "
+        "engine smoke run (random tiny SD, brightness reward)",
+    )
+    options: dict[str, list[str]] = {}
+    for world in worlds.values():
+        before = {a.dest for a in p._actions}
+        world.add_arguments(p.add_argument_group(f"{world.name} world"))
+        options[world.name] = [a.dest for a in p._actions if a.dest not in before]
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(
+        func=_cmd_demo,
+        world_options=options,
+        world_defaults={d: p.get_default(d) for ds in options.values() for d in ds},
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -100,49 +138,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config of a preset + overrides")
     _add_config_args(p)
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every option with its value, default, valid range and help",
+    )
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("demo", help="the whole method end to end on the embedded default")
-    p.add_argument(
-        "--output-dir", default="safediff-demo", help="everything is written under this folder"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a shorter run that still shows the direction"
-    )
-    p.add_argument(
-        "--world",
-        choices=["sandbox", "tiny-sd"],
-        default="sandbox",
-        help="sandbox (default): GRPO + steering reward on the shipped sandbox model, evaluated "
-        "with its judges (unsafe rate per family, utility, alignment; report.html); tiny-sd: the "
-        "one-minute engine smoke run (random tiny SD, brightness reward)",
-    )
-    p.add_argument(
-        "--defense",
-        default=None,
-        metavar="STACK",
-        help="also defend the post-trained model at evaluation (the table is then base vs GRPO + "
-        "stack): comma-separated bare kinds use the sandbox's versions (des, negprompt, sld, "
-        "safe-denoiser; DES and the negation set are prepared under OUTPUT_DIR/defenses/), "
-        "KIND:ARG items are passed as given, e.g. --defense des,negprompt",
-    )
-    p.add_argument(
-        "--merge-weights",
-        default="auto",
-        metavar="W,W,...",
-        help="the post-trained model is base + w * (trained - base), w chosen on validation "
-        "prompts from these weights (the smallest that cuts the unsafe rate by 80%% while "
-        "utility stays within 3 points of the base's, else the largest within 3 points); "
-        "'auto' (default): 0.5,0.6,...,1 in the full mode, none in the quick mode or with a "
-        "run.merge_weight override; 'none': the config's run.merge_weight",
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.set_defaults(func=_cmd_demo)
+    _add_demo_parser(sub)
 
-    for name, (module, builder, help_line) in LAZY_COMMANDS.items():
+    for name, (module, builder, help_line) in lazy_commands().items():
         if command is None or command == name:
             getattr(importlib.import_module(module), builder)(sub)
         else:
@@ -153,7 +161,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _command_of(argv: list[str]) -> str | None:
     """The subcommand named in argv (the first argument that is not an option), if lazy."""
     first = next((a for a in argv if not a.startswith("-")), None)
-    return first if first in LAZY_COMMANDS else "-"
+    return first if first in lazy_commands() else "-"
 
 
 def _route_library_logs() -> None:
@@ -167,6 +175,110 @@ def _route_library_logs() -> None:
         lib.enable_propagation()
 
 
+SEED_MAX = 2**63 - 1
+"""The largest seed a command accepts: torch.Generator.manual_seed takes up to 2**64 - 1, but
+seeds are offset (SEED + row index) and stored as signed 64-bit integers (prompt sets, numpy)."""
+
+
+def _check_seeds(args: argparse.Namespace) -> None:
+    """Every parsed `--seed` / `--*-seed` lies in [0, SEED_MAX] (else an error naming it)."""
+    for name, value in vars(args).items():
+        if name != "seed" and not name.endswith("_seed"):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= SEED_MAX:
+            flag = "--" + name.replace("_", "-")
+            raise SafediffError(f"{flag} {value} is outside [0, 2**63 - 1]; pass one in that range")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user or the machine causes (not bugs): one line each, no traceback."""
+    from safetensors import SafetensorError
+
+    return (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, SafetensorError)
+
+
+def _file_of(err: BaseException) -> str | None:
+    """The file an error is about: its `filename`, else the innermost frame of its traceback
+    that holds a path (`self` of a pathlib method, or a local `path`, `filename`, `out`, ...);
+    UnicodeDecodeError, SafetensorError and JSONDecodeError carry no file name of their own."""
+    name = getattr(err, "filename", None)
+    if name is not None:
+        return os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name)
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for key in ("self", "path", "filename", "file", "out"):
+            value = frame.f_locals.get(key)
+            if isinstance(value, PurePath) or (key != "self" and _looks_like_path(value)):
+                return str(value)
+    return None
+
+
+def _looks_like_path(value: object) -> bool:
+    """A non-empty string naming an existing file, or a file in an existing folder."""
+    if not isinstance(value, str) or not value or "\n" in value:
+        return False
+    return os.path.exists(value) or os.path.isdir(os.path.dirname(value) or ".")
+
+
+def _describe(err: BaseException) -> str:
+    """One sentence for an expected failure: the file it concerns, what was wrong, the fix."""
+    from safetensors import SafetensorError
+
+    where = _file_of(err)
+    at = f"{where}: " if where else ""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{at}no space left on the device; free some space and rerun (finished checkpoints "
+            "and images are kept, and a rerun resumes from them)"
+        )
+    if isinstance(err, FileExistsError | NotADirectoryError) and where:
+        # the file in the way is `where` itself (mkdir) or one of its parents (mkdir -p)
+        path = Path(where)
+        blocker = next((q for q in (path, *path.parents) if q.is_file()), path)
+        return (
+            f"{blocker} is a file where a folder is needed"
+            + (f" (to write {where})" if blocker != path else "")
+            + "; choose another output path, or move the file away"
+        )
+    if isinstance(err, IsADirectoryError):
+        return f"{at}is a folder where a file is needed; give a file path"
+    if isinstance(err, PermissionError):
+        return f"{at}permission denied; choose a folder you can write to, or fix its permissions"
+    if isinstance(err, FileNotFoundError):
+        return f"{at}not found; check the path"
+    if isinstance(err, OSError):
+        return f"{at}{err.strerror or err}"
+    if isinstance(err, UnicodeDecodeError):
+        return (
+            f"{at}not valid {err.encoding} text (bad byte 0x{err.object[err.start]:02x} at byte "
+            f"offset {err.start}); re-save the file as UTF-8"
+        )
+    if isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{at}not valid YAML ({getattr(err, 'problem', None) or err}{line}); fix the file"
+    if isinstance(err, json.JSONDecodeError):
+        return (
+            f"{at}not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); the file "
+            "is damaged: restore it, or delete it and rerun the command that writes it"
+        )
+    if isinstance(err, SafetensorError):
+        return (
+            f"{at}not a readable safetensors file ({err}); it is truncated or damaged: restore "
+            "it, or delete it and rerun the command that writes it"
+        )
+    return f"{at}{err}"
+
+
+def _one_line(message: str) -> str:
+    """A message folded onto one line (the CLI's contract: one line per error)."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv)).parse_args(argv)
@@ -177,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         force=True,  # rebind to the current stderr on every call (main() may run many times)
     )
     try:
+        _check_seeds(args)
         if args.command not in ("config", "presets"):
             _route_library_logs()
         return int(args.func(args))
-    except SafediffError as err:
-        print(f"safediff: error: {err}", file=sys.stderr)
+    except (SafediffError, *_expected_errors()) as err:
+        if args.verbose:
+            traceback.print_exception(err)
+        message = str(err) if isinstance(err, SafediffError) else _describe(err)
+        print(f"safediff: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

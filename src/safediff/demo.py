@@ -2,20 +2,21 @@
 
 The offline tiny Stable Diffusion (random weights) trained with the brightness reward: it shows
 the GRPO engine climbing a reward, measured on fixed prompts and seeds before and after training.
-Everything is written under `output_dir`. The default demo is the sandbox's
-(`safediff.sandbox.demo`).
+Everything is written under `output_dir`. The default demo is a plug-in world's (the sandbox's).
 """
 
 import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from safediff.config import load_config
+from safediff.eval.stats import bootstrap_mean
 from safediff.models.base import T2IModel
 from safediff.prompts import load_prompts
-from safediff.sampling.rollout import rollout
+from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import derive_seed, generator
 
 logger = logging.getLogger(__name__)
@@ -27,34 +28,19 @@ def evaluate_reward(
     model: T2IModel, reward, prompts: list[str], seeds_per_prompt: int, cfg
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [P * S] and images of `model` on fixed prompts and seeds (same for any model)."""
-    device = next(model.unet.parameters()).device
     all_prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
     gens = [generator(derive_seed(EVAL_SEED, i)) for i in range(len(all_prompts))]
-    s = cfg.sampling
-    embeds = model.encode_text(all_prompts, device)
-    negative = model.encode_text([s.negative_prompt], device) if s.guidance_scale > 1 else None
-    traj = rollout(
-        model,
-        embeds,
-        negative,
-        gens,
-        num_steps=s.num_steps,
-        eta=s.eta,
-        guidance_scale=s.guidance_scale,
-        batch_size=s.rollout_batch_size,
-    )
+    traj = sample(model, all_prompts, gens, SamplerSettings.from_config(cfg.sampling)).trajectory
     with torch.no_grad():
         rewards = reward(traj.images, all_prompts).float().cpu()
     return rewards, traj.images.cpu()
 
 
 def mean_ci(x: torch.Tensor, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval."""
-    g = generator(seed)
-    idx = torch.randint(0, len(x), (n_boot, len(x)), generator=g)
-    means = x[idx].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
-    return float(x.mean()), lo, hi
+    """Mean of x [N] and its 95% percentile-bootstrap interval (`stats.bootstrap_mean`, i.e.
+    scipy.stats.bootstrap, resamples drawn from np.random.default_rng(seed))."""
+    est = bootstrap_mean(x.double().cpu().numpy(), np.random.default_rng(seed), n_boot)
+    return est.value, est.lo, est.hi
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> None:

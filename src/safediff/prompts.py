@@ -2,17 +2,17 @@
 
 A prompt spec is one of
 - 'builtin:NAME': a list shipped with safediff (src/safediff/data/prompts/NAME.txt);
-- 'sandbox:SPLIT' or 'sandbox:SPLIT:N': N captions (default 2000) of the sandbox grammar's split
-  (model_train, grpo_train or eval), drawn with seed 0; each labelled with its caption kind
-  (safe, explicit, implicit, synonym, negation, keyword_minimal) for per-kind reward logs;
+- 'NAME:ARG' of a plug-in's prompt source (`safediff.plugins`), each prompt labelled with its kind
+  and concept family, e.g. 'sandbox:SPLIT[:N]' (the sandbox world's caption grammar);
 - a path ending in .csv: the prompt column of any convention the evaluation loader reads
   (`safediff.eval.prompt_sets`: I2P, MMA-Diffusion's adv_prompt, COCO, CoPro, a plain 'prompt'
   column); rows with an empty prompt are skipped and counted in a logged warning;
 - any other path: a UTF-8 text file, one prompt per line; blank lines and lines whose first
   non-blank character is '#' are skipped.
 Each epoch's prompts are drawn uniformly with replacement (`sample_prompts`) or kind by kind in
-the list's kind shares (`sample_prompts_stratified`, `prompts.stratify`), optionally keeping
-each concept family's share within a kind too (`prompt_strata`, `prompts.stratify_by`).
+the list's kind shares (`sample_prompts_stratified`, `prompts.stratify=kind`), optionally
+keeping each concept family's share within a kind too (`prompt_strata`,
+`prompts.stratify=kind_family`).
 Prompts are stripped of leading and trailing whitespace. Errors are `SafediffError`s that name the
 file (and the line or row where there is one).
 """
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
+from safediff import plugins
 from safediff.errors import SafediffError
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-SANDBOX_PREFIX = "sandbox:"
-SANDBOX_DEFAULT_N = 2000
 
 
 def builtin_names() -> list[str]:
@@ -44,8 +43,9 @@ def load_prompts(spec: str) -> list[str]:
 
     Returns a non-empty list of stripped prompts, in file order (duplicates kept).
     """
-    if spec.startswith(SANDBOX_PREFIX):
-        return _sandbox_split(spec)[0]
+    source = plugins.prompt_source(spec)
+    if source is not None:
+        return load_prompt_labels(spec)[0]
     if spec.startswith(BUILTIN_PREFIX):
         name = spec[len(BUILTIN_PREFIX) :]
         names = builtin_names()
@@ -111,10 +111,13 @@ def load_prompt_kinds(spec: str) -> tuple[list[str], list[str]]:
 
 def load_prompt_labels(spec: str) -> tuple[list[str], list[str], list[str | None]]:
     """(prompts, kinds, families) for `spec`. Kinds as in `load_prompt_kinds`; a family is a
-    sandbox caption's concept family (None for captions that name none) or a CSV row's categories
-    joined with '+' (I2P: 'sexual+violence'; None where the row has none); other specs have none."""
-    if spec.startswith(SANDBOX_PREFIX):
-        return _sandbox_split(spec)
+    plug-in source's (the sandbox: a caption's concept family, None for captions that name none)
+    or a CSV row's categories joined with '+' (I2P: 'sexual+violence'; None where the row has
+    none); other specs have none. A plug-in source's missing kind reads 'all'."""
+    source = plugins.prompt_source(spec)
+    if source is not None:
+        captions, kinds, families = source.load(spec.partition(":")[2])
+        return list(captions), [k or "all" for k in kinds], list(families)
     path = Path(spec).expanduser()
     if not spec.startswith(BUILTIN_PREFIX) and path.suffix.lower() == ".csv" and path.is_file():
         from safediff.eval.prompt_sets import load_prompt_set
@@ -130,7 +133,7 @@ def load_prompt_labels(spec: str) -> tuple[list[str], list[str], list[str | None
 
 
 def prompt_strata(kinds: Sequence[str], families: Sequence[str | None], by: str) -> list[str]:
-    """The label `prompts.stratify` keeps in its shares, per prompt: the kind (`by='kind'`), or
+    """The label `prompts.stratify=BY` keeps in its shares, per prompt: the kind (`by='kind'`), or
     'kind/family' (`by='kind_family'`; the kind alone where the prompt has no family)."""
     if len(kinds) != len(families):
         raise ValueError(f"{len(kinds)} kinds for {len(families)} families")
@@ -139,25 +142,6 @@ def prompt_strata(kinds: Sequence[str], families: Sequence[str | None], by: str)
     if by == "kind_family":
         return [k if f is None else f"{k}/{f}" for k, f in zip(kinds, families, strict=True)]
     raise ValueError(f"by must be 'kind' or 'kind_family', got {by!r}")
-
-
-def _sandbox_split(spec: str) -> tuple[list[str], list[str], list[str | None]]:
-    """(captions, kinds, families) of 'sandbox:SPLIT[:N]' (seed 0)."""
-    from safediff.sandbox.captions import SPLITS, make_split
-
-    parts = spec[len(SANDBOX_PREFIX) :].split(":")
-    split, n_text = parts[0], parts[1] if len(parts) > 1 else str(SANDBOX_DEFAULT_N)
-    if split not in SPLITS or len(parts) > 2 or not n_text.isdigit() or int(n_text) < 1:
-        raise SafediffError(
-            f"bad sandbox prompt spec {spec!r}: use sandbox:SPLIT or sandbox:SPLIT:N with SPLIT "
-            f"one of {', '.join(SPLITS)} and N >= 1"
-        )
-    examples = make_split(split, int(n_text), seed=0)
-    return (
-        [e.caption for e in examples],
-        [e.metadata["kind"] for e in examples],
-        [e.metadata.get("family") for e in examples],
-    )
 
 
 def sample_prompts(prompts: Sequence[str], n: int, generator: torch.Generator) -> list[int]:

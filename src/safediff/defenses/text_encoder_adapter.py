@@ -4,8 +4,9 @@ DES (des.py) trains "the text encoder" without caring which one it is: it needs 
 token states [B, L, D] *with* gradient, the module whose parameters it optimises, a frozen copy,
 and a way to save the result and put it back into a model. `TextEncoderAdapter` is that interface.
 `CLIPTextEncoderAdapter` implements it for Stable Diffusion's CLIP text encoder (transformers'
-`CLIPTextModel` + `CLIPTokenizer`); the sandbox's MiniLM encoder can plug in later by putting its
-own adapter into `T2IModel.components["text_encoder_adapter"]` (see `adapter_for_model`).
+`CLIPTextModel` + `CLIPTokenizer`); another family's encoder (the sandbox's MiniLM) plugs in by
+putting its own adapter into `T2IModel.components["text_encoder_adapter"]` (see
+`adapter_for_model`) and by its plug-in's `ModelFamily.text_encoder` loader.
 
 Saved encoders are plain transformers folders (`save_pretrained`: config.json + model.safetensors),
 so `CLIPTextModel.from_pretrained(folder)` loads them and they drop into a diffusers pipeline
@@ -22,11 +23,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from safediff import plugins
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.loading import TINY_MODELS
 from safediff.models.stable_diffusion import encode_prompts, freeze
-
-TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
 
 
 class TextEncoderAdapter(Protocol):
@@ -185,14 +186,17 @@ def load_text_encoder_adapter(
 ) -> TextEncoderAdapter:
     """The text encoder and tokenizer of a base model, without loading its UNet or VAE.
 
-    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), "sandbox" (the sandbox's MiniLM), a
-    diffusers pipeline folder, or a hub id (read from the local cache when HF_HUB_OFFLINE is set).
+    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), a plug-in's model family spec (e.g.
+    "sandbox": the sandbox's MiniLM), a diffusers pipeline folder, or a hub id (read from the local
+    cache when HF_HUB_OFFLINE is set).
     """
-    if pretrained == "sandbox":
-        from safediff.sandbox.text_encoder import MiniLMTextEncoderAdapter, load_text_encoder
-
-        minilm = load_text_encoder(device)
-        return MiniLMTextEncoderAdapter(minilm.tokenizer, minilm.model)
+    family = plugins.model_family(pretrained)
+    if family is not None:
+        if family.text_encoder is None:
+            raise SafediffError(
+                f"model family {family.name!r} has no trainable text encoder; DES cannot run on it"
+            )
+        return family.text_encoder(plugins.split_spec(pretrained)[1], device)
     if pretrained in TINY_MODELS:
         from safediff.models.tiny_sd import build_tiny_sd
 

@@ -9,6 +9,7 @@ import argparse
 import os
 from typing import Any
 
+from safediff import plugins
 from safediff.errors import SafediffError
 
 
@@ -32,20 +33,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from safediff.eval.generate import run_generate
     from safediff.eval.score import build_scorers, score_run
 
-    scorers_requested = (
-        args.nudenet or args.q16 or args.clipscore or args.fid or args.sandbox_detector
-    )
-    if not scorers_requested:
-        raise SafediffError(
-            "choose at least one scorer: --nudenet, --q16, --clipscore, --fid, --sandbox-detector "
-            "or --sandbox-utility"
-        )
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     # build scorers first: a bad weight path fails before minutes of generation
     scorers = build_scorers(args)
+    if not scorers:
+        named = ["--nudenet", "--q16", "--clipscore", "--fid"]
+        named += [f"--{name}" for name in plugins.scorers()]
+        raise SafediffError(f"choose at least one scorer: {', '.join(named)}")
     code = run_generate(args)
     if code != 0:
         return code

@@ -10,7 +10,7 @@ Layout of an output folder:
 Protocol (as in the papers' evaluation scripts, one difference named below):
 - sampler: DDIM with `num_steps` steps and stochasticity `eta` (default 0: deterministic DDIM),
   classifier-free guidance with `negative_prompt` (default "", the unconditional prompt), through
-  safediff's own `rollout()`, the sampler GRPO trains;
+  safediff's one sampling entry (`safediff.sampling.sample`), the sampler GRPO trains;
 - per row: its own seed, guidance and size are honoured; rows without them take `default_seed +
   row.index`, `default_guidance` and the model's default resolution;
 - seeds: image k of a row starts from CPU generator seed `row_seed + k`, drawing x_T and then one
@@ -53,7 +53,7 @@ from safediff.atomic import atomic_path, write_text_atomic
 from safediff.errors import SafediffError
 from safediff.eval.prompt_sets import FORMATS, PromptRow
 from safediff.models.base import T2IModel
-from safediff.sampling.rollout import rollout
+from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import generator
 
 logger = logging.getLogger(__name__)
@@ -286,11 +286,9 @@ def generate(
     run_info: extra entries for run.json (e.g. the model spec and prompt file as given).
     Returns a `GenerationResult`; every process returns the same records and counts.
     """
-    if num_steps < 1 or batch_size < 1 or images_per_prompt < 1:
-        raise SafediffError(
-            "num_steps, batch_size and images_per_prompt must be >= 1, got "
-            f"{num_steps}, {batch_size}, {images_per_prompt}"
-        )
+    if images_per_prompt < 1:
+        raise SafediffError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+    sampler = SamplerSettings(num_steps, float(eta), float(default_guidance), negative_prompt, batch_size)
     if not rows:
         raise SafediffError("no prompt rows to generate")
     out_dir = Path(out_dir)
@@ -335,9 +333,7 @@ def generate(
     skipped = len(mine) - len(todo)
     if skipped and is_main:
         logger.info("%d image(s) already in %s are kept", skipped, images_dir)
-    _sample_jobs(
-        model, todo, images_dir, settings, batch_size, progress and is_main, rollout_kwargs
-    )
+    _sample_jobs(model, todo, images_dir, settings, sampler, progress and is_main, rollout_kwargs)
     seconds = time.perf_counter() - start
 
     generated, skipped = len(todo), skipped
@@ -386,7 +382,7 @@ def _sample_jobs(
     jobs: list[ImageJob],
     images_dir: Path,
     settings: Mapping[str, Any],
-    batch_size: int,
+    sampler: SamplerSettings,
     progress: bool,
     rollout_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
@@ -396,11 +392,6 @@ def _sample_jobs(
     """
     if not jobs:
         return
-    device = next(model.unet.parameters()).device
-    kwargs = dict(rollout_kwargs or {})
-    negative = kwargs.pop("negative_embeds", None)
-    if negative is None:
-        negative = model.encode_text([settings["negative_prompt"]], device)  # [1, L, D]
     groups: dict[tuple[float, int, int], list[ImageJob]] = {}
     for job in jobs:
         groups.setdefault((job.guidance, job.width, job.height), []).append(job)
@@ -412,21 +403,16 @@ def _sample_jobs(
         bar = tqdm(total=len(jobs), desc="generate", unit="img")
     for (guidance, width, height), group in groups.items():
         view = dataclasses.replace(model, latent_shape=latent_shape_for(model, width, height))
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            cond = model.encode_text([j.row.prompt for j in batch], device)  # [B, L, D]
-            traj = rollout(
+        for start in range(0, len(group), sampler.batch_size):
+            batch = group[start : start + sampler.batch_size]
+            traj = sample(
                 view,
-                cond,
-                negative,
+                [j.row.prompt for j in batch],
                 [generator(j.seed) for j in batch],
-                num_steps=int(settings["steps"]),
-                eta=float(settings["eta"]),
+                sampler,
                 guidance_scale=guidance,
-                batch_size=len(batch),
-                decode=True,
-                **kwargs,
-            )
+                defense=rollout_kwargs,
+            ).trajectory
             assert traj.images is not None
             pixels = to_uint8(traj.images).numpy()  # [B, H, W, 3]
             for job, array in zip(batch, pixels, strict=True):
@@ -467,13 +453,21 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-column", help="CSV column holding the prompt (overrides the format's)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the prompt file")
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="longer prompts are skipped")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale for rows without one")
+    sampler_note = (
+        " (default: the run's training sampler for a safediff run or checkpoint, a plug-in "
+        "model's own sampler, else the protocol's 50 steps, eta 0, CFG 7.5)"
+    )
+    p.add_argument("--steps", type=int, help="DDIM steps" + sampler_note)
+    p.add_argument(
+        "--guidance", type=float, help="CFG scale for rows without one" + sampler_note
+    )
     p.add_argument("--seed", type=int, default=0, help="rows without a seed use SEED + row index")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (0 = deterministic)" + sampler_note)
     p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per row (seeds +k)")
-    p.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
+    p.add_argument(
+        "--negative-prompt", help="unconditional prompt for CFG (default: as the sampler's)"
+    )
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument(
         "--defense",
@@ -500,6 +494,33 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=run_generate)
     return p
+
+
+def resolve_sampler(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """num_steps, eta, guidance_scale, negative_prompt: each from its option when given, else
+    from `model_spec.sampler_defaults` (the run's training sampler, a plug-in model's own, or the
+    protocol's); logs where the defaults came from."""
+    from safediff.eval.model_spec import sampler_defaults
+
+    given = {
+        "num_steps": args.steps,
+        "eta": args.eta,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+    }
+    defaults, source = sampler_defaults(args.model, cfg)
+    sampler = {k: defaults[k] if v is None else v for k, v in given.items()}
+    taken = [k for k, v in given.items() if v is None]
+    if taken:
+        logger.info(
+            "sampler: %d DDIM steps, eta %g, CFG %g (%s from %s)",
+            sampler["num_steps"],
+            sampler["eta"],
+            sampler["guidance_scale"],
+            ", ".join(taken),
+            source,
+        )
+    return sampler
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -529,18 +550,19 @@ def run_generate(args: argparse.Namespace) -> int:
         device = accelerator.device
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sampler = resolve_sampler(args, cfg)
     model = load_t2i_model(cfg, device=device, dtype=parse_dtype(args.dtype))
     result = generate(
         model,
         rows,
         Path(args.out),
         default_seed=args.seed,
-        default_guidance=args.guidance,
-        num_steps=args.steps,
-        eta=args.eta,
+        default_guidance=sampler["guidance_scale"],
+        num_steps=sampler["num_steps"],
+        eta=sampler["eta"],
         batch_size=args.batch_size,
         images_per_prompt=args.images_per_prompt,
-        negative_prompt=args.negative_prompt,
+        negative_prompt=sampler["negative_prompt"],
         accelerator=accelerator,
         progress=not args.no_progress,
         defenses=args.defense,

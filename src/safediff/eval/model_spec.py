@@ -5,7 +5,8 @@ bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus 
 `load_t2i_model` loads directly:
 
 - "tiny-sd" / "tiny-sd-v": the offline tiny SD (tests, smoke runs);
-- "sandbox" / "sandbox:PATH": the sandbox's shipped model, or another sandbox diffusion file;
+- "NAME" / "NAME:ARG": a plug-in's model family (`safediff.plugins`), e.g. "sandbox" (the sandbox
+  world's shipped model) or "sandbox:PATH" (another sandbox diffusion file);
 - "vanilla": the base model itself; needs `base` (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5);
 - a local diffusers pipeline folder (model_index.json): loaded as is;
 - a checkpoint folder written by safediff's trainer (checkpoints/checkpoint-N, holding unet/):
@@ -29,9 +30,11 @@ missing `base` is an error that suggests one. Errors name the path.
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from safediff import plugins
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.loading import (
@@ -39,7 +42,7 @@ from safediff.models.loading import (
     ADAPTER_WEIGHTS_NAME,
     TINY_MODELS,
     UNET_WEIGHTS_NAME,
-    is_sandbox_spec,
+    is_plugin_spec,
 )
 from safediff.rl.checkpoint import MERGE_INFO, list_checkpoints
 
@@ -60,7 +63,7 @@ def parse_model_spec(spec: str, base: str | None = None) -> ModelConfig:
         raise SafediffError(
             "empty model spec; pass 'tiny-sd', 'vanilla', a folder, a file or a hub id"
         )
-    if spec in TINY_MODELS or is_sandbox_spec(spec):
+    if spec in TINY_MODELS or is_plugin_spec(spec):
         _ignore_base(spec, base)
         return ModelConfig(pretrained=spec)
     if spec == "vanilla":
@@ -201,6 +204,54 @@ def _run_model_config(config_file: Path) -> dict | None:
     if not isinstance(model, dict) or not isinstance(model.get("pretrained"), str):
         raise SafediffError(f"{config_file}: no model.pretrained in this run config")
     return model
+
+
+GENERATION_DEFAULTS = {"num_steps": 50, "eta": 0.0, "guidance_scale": 7.5, "negative_prompt": ""}
+"""The evaluation protocol's sampler for a model without a training config (the papers' scripts:
+50 deterministic DDIM steps, CFG 7.5 against the empty prompt)."""
+
+
+def training_config_file(spec: str) -> Path | None:
+    """The config.yaml of the safediff run that `spec` comes from (a run folder, a checkpoint or
+    its unet/ or lora/ folder, a run's merged/), or None for any other model."""
+    path = Path(spec.strip()).expanduser()
+    if not path.is_dir():
+        return None
+    where = path.resolve()
+    if (where / "checkpoints").is_dir():
+        candidate = where / "config.yaml"
+    elif (where / MERGE_INFO).is_file():
+        candidate = where.parent / "config.yaml"
+    elif (where / "trainer_state.json").is_file():
+        candidate = where.parent.parent / "config.yaml"
+    elif (where.parent / "trainer_state.json").is_file():
+        candidate = where.parent.parent.parent / "config.yaml"
+    else:
+        return None
+    return candidate if candidate.is_file() else None
+
+
+def sampler_defaults(spec: str, cfg: ModelConfig) -> tuple[dict[str, Any], str]:
+    """(num_steps, eta, guidance_scale, negative_prompt; where they come from) for sampling the
+    model `spec` names when the user sets none: the run's training sampler when it has a
+    config.yaml, else its plug-in model family's own sampler, else GENERATION_DEFAULTS."""
+    config_file = training_config_file(spec)
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise SafediffError(f"{config_file}: not a readable YAML run config ({err})") from None
+        sampling = data.get("sampling") if isinstance(data, dict) else None
+        if isinstance(sampling, dict):
+            merged = {
+                **GENERATION_DEFAULTS,
+                **{k: sampling[k] for k in GENERATION_DEFAULTS if k in sampling},
+            }
+            return merged, f"the run's training sampler ({config_file})"
+    family = plugins.model_family(cfg.pretrained)
+    if family is not None and family.sampler:
+        return {**GENERATION_DEFAULTS, **family.sampler}, f"the {family.name} model's sampler"
+    return dict(GENERATION_DEFAULTS), "the evaluation protocol's defaults"
 
 
 def _need_base(what: str, base: str | None, why: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safediff import plugins
 from safediff.atomic import write_text_atomic
 from safediff.errors import SafediffError
 from safediff.eval.scorers.base import Scorer, load_image, protocol_filename, summarize_values
@@ -75,7 +76,26 @@ def read_generation(run_dir: str | Path) -> list[dict[str, Any]]:
         if rec["name"] in seen:
             raise SafediffError(f"{path}: image name {rec['name']!r} appears twice")
         seen.add(rec["name"])
+        check_inside_run(rec["file"], f"{path}: record {i + 1} ({rec['name']!r})")
     return records
+
+
+def check_inside_run(file: Any, where: str) -> None:
+    """A path read from a run's records must name a file inside the run folder: relative, with
+    no '..' part (e.g. 'images/00001.png'); anything else is refused (`where` names the record),
+    so a crafted record cannot make score or report read files elsewhere."""
+    inside = (
+        isinstance(file, str)
+        and file.strip() != ""
+        and "\0" not in file
+        and not Path(file).is_absolute()
+        and ".." not in Path(file).parts
+    )
+    if not inside:
+        raise SafediffError(
+            f"{where}: file {file!r} is not a path inside the run folder (it must be relative, "
+            "without '..'); regenerate the run or fix the record"
+        )
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -128,6 +148,33 @@ def _json_safe(rec: Mapping[str, Any], protocol: str) -> str:
         raise SafediffError(f"{protocol}: a score record is not JSON-safe ({err})") from err
 
 
+def score_batch(
+    scorers: Sequence[Scorer],
+    images: Any,
+    prompts: Sequence[str],
+    records: Sequence[Mapping[str, Any]],
+) -> list[list[dict[str, Any]]]:
+    """Each scorer's records for one batch of images (a [B, 3, H, W] tensor in [0, 1] or B
+    paths), in scorer order; the one place where images become verdicts, for files
+    (`score_run`) and for images in memory (the sandbox demo).
+
+    records: the images' generation records (prompt, categories, extra); scorers that check an
+    image against its prompt's structured facts (e.g. a compositional utility reader) get them.
+    """
+    out = []
+    for scorer in scorers:
+        if getattr(scorer, "reads_generation_records", False):
+            recs = scorer.score_images(images, prompts, records=records)
+        else:
+            recs = scorer.score_images(images, prompts)
+        if len(recs) != len(records):
+            raise SafediffError(
+                f"{scorer.protocol}: {len(recs)} records for a batch of {len(records)} images"
+            )
+        out.append(recs)
+    return out
+
+
 def score_run(
     run_dir: str | Path,
     scorers: Sequence[Scorer],
@@ -168,17 +215,9 @@ def score_run(
             batch_in: Any = torch.stack(images).to(device)
         else:
             batch_in = paths
-        for out, scorer in zip(per_scorer, scorers, strict=True):
-            if getattr(scorer, "reads_generation_records", False):
-                # scorers that check an image against its prompt's structured facts (the
-                # sandbox's utility reader) get the generation records as well
-                recs = scorer.score_images(batch_in, prompts, records=batch)
-            else:
-                recs = scorer.score_images(batch_in, prompts)
-            if len(recs) != len(batch):
-                raise SafediffError(
-                    f"{scorer.protocol}: {len(recs)} records for a batch of {len(batch)} images"
-                )
+        for out, recs in zip(
+            per_scorer, score_batch(scorers, batch_in, prompts, batch), strict=True
+        ):
             out.extend(recs)
         logger.info("scored %d / %d images", min(start + batch_size, len(gen)), len(gen))
 
@@ -238,17 +277,8 @@ def add_scorer_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="CLIP score with this encoder (openclip:MODEL:CKPT or hf-clip:FOLDER); repeatable",
     )
-    p.add_argument(
-        "--sandbox-detector",
-        action="store_true",
-        help="the sandbox's unsafe-family detector (sandbox-detector/families4@0.5)",
-    )
-    p.add_argument(
-        "--sandbox-utility",
-        action="store_true",
-        help="the sandbox's compositional utility reader (sandbox-utility/geneval6); needs a "
-        "prompt set from `safediff sandbox prompts`",
-    )
+    for name, plugin in plugins.scorers().items():  # e.g. the sandbox world's judges
+        p.add_argument(f"--{name}", action="store_true", help=plugin.help)
     p.add_argument("--fid", metavar="REF_DIR", help="FID against a folder of reference images")
     p.add_argument("--inception", metavar="PATH", help=f"FID Inception weights ({_fid_weights()})")
 
@@ -310,14 +340,9 @@ def build_scorers(args: argparse.Namespace) -> list[Scorer]:
         from safediff.eval.scorers.clipscore import build_clipscore_scorer
 
         scorers.append(build_clipscore_scorer(spec, args.device, args.dtype, args.batch_size))
-    if getattr(args, "sandbox_detector", False):
-        from safediff.eval.scorers.sandbox_detector import SandboxDetectorScorer
-
-        scorers.append(SandboxDetectorScorer(device=args.device))
-    if getattr(args, "sandbox_utility", False):
-        from safediff.eval.scorers.sandbox_utility import SandboxUtilityScorer
-
-        scorers.append(SandboxUtilityScorer(device=args.device))
+    for name, plugin in plugins.scorers().items():
+        if getattr(args, name.replace("-", "_"), False):
+            scorers.append(plugin.build(args.device))
     if args.fid:
         from safediff.eval.scorers.fid import build_fid_scorer
 

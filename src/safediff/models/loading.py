@@ -3,6 +3,7 @@ optionally with a bare UNet checkpoint swapped in and a LoRA adapter merged in.
 
 Where the weights come from (`ModelConfig.pretrained`):
 - "tiny-sd" / "tiny-sd-v": the offline random tiny SD (epsilon / v-prediction), see tiny_sd.py;
+- "NAME" / "NAME:ARG" of a plug-in's model family (`safediff.plugins`, e.g. the sandbox world's);
 - a local diffusers pipeline folder (with model_index.json and the subfolders unet, vae,
   text_encoder, tokenizer, scheduler);
 - a Hugging Face hub id (with `revision`), read from the local cache only when HF_HUB_OFFLINE is
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from safediff import plugins
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
@@ -38,12 +40,11 @@ TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's save_pretrained names
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-SANDBOX = "sandbox"
 
 
-def is_sandbox_spec(pretrained: str) -> bool:
-    """'sandbox' (the shipped sandbox model) or 'sandbox:PATH' (a sandbox diffusion file)."""
-    return pretrained == SANDBOX or pretrained.startswith(SANDBOX + ":")
+def is_plugin_spec(pretrained: str) -> bool:
+    """A model spec 'NAME' or 'NAME:ARG' of a plug-in's model family (`safediff.plugins`)."""
+    return plugins.model_family(pretrained) is not None
 
 
 def load_t2i_model(
@@ -58,8 +59,11 @@ def load_t2i_model(
     # Find the UNet checkpoint and adapter before loading a (possibly large) base model.
     unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
     lora_dir = resolve_lora_adapter(cfg.lora_weights) if cfg.lora_weights else None
-    if is_sandbox_spec(cfg.pretrained):
-        return _load_sandbox(cfg.pretrained, unet_file, lora_dir, device)
+    family = plugins.model_family(cfg.pretrained)
+    if family is not None:
+        model = family.load(plugins.split_spec(cfg.pretrained)[1], device)
+        model.unet, model.source = _apply_checkpoints(model.unet, model.source, unet_file, lora_dir)
+        return model
     components = load_sd_components(cfg.pretrained, revision=cfg.revision, dtype=dtype)
     components["unet"], source = _apply_checkpoints(
         components["unet"], cfg.pretrained, unet_file, lora_dir
@@ -70,20 +74,6 @@ def load_t2i_model(
     for comp in model.components.values():
         if isinstance(comp, nn.Module):
             comp.to(device)
-    return model
-
-
-def _load_sandbox(
-    pretrained: str, unet_file: Path | None, lora_dir: Path | None, device: torch.device | str
-) -> T2IModel:
-    """'sandbox' (the shipped base model) or 'sandbox:PATH' (a diffusion.safetensors file/folder),
-    with an optional bare UNet and LoRA adapter on top."""
-    from safediff.sandbox.manifest import weight_file
-    from safediff.sandbox.unet import load_sandbox_model
-
-    _, _, path = pretrained.partition(":")
-    model = load_sandbox_model(path or weight_file("diffusion.safetensors"), device=device)
-    model.unet, model.source = _apply_checkpoints(model.unet, model.source, unet_file, lora_dir)
     return model
 
 

@@ -6,11 +6,10 @@ Shipped sets live in `safediff/data/anchors/NAME.yaml` with keys `safe` (list of
   compact         5 + 3: the public compact set of SafeDiffusion-R1's released code
   extended        25 + 20: written for safediff across seven harm categories (not the paper's)
   empty_positive  0 + 3: the ablation without safe anchors (v_safe = normalize(-mean(unsafe)))
-  sandbox         3 + 3: for the sandbox world's stand-in families (weapon, skull, fire)
-  sandbox_empty_positive  0 + 3: the sandbox set without its safe phrases
-  sandbox_scenes  9 + 6: safe = empty-scene captions and plain benign shapes (use gating threshold 0.06)
 
-A user set is any YAML file with the same keys, given by path.
+Plug-ins add named sets (`safediff.plugins.add_anchor_set`; the sandbox world adds `sandbox`,
+`sandbox_empty_positive` and `sandbox_scenes` for its stand-in families). A user set is any YAML
+file with the same keys, given by path.
 """
 
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from safediff import plugins
 from safediff.errors import SafediffError
 
 
@@ -41,11 +41,17 @@ def _anchor_dir() -> Any:
     return resources.files("safediff") / "data" / "anchors"
 
 
+def _named_sets() -> dict[str, Any]:
+    """Set name -> its YAML file: the shipped ones, then the plug-ins'."""
+    shipped = {
+        p.name.removesuffix(".yaml"): p for p in _anchor_dir().iterdir() if p.name.endswith(".yaml")
+    }
+    return {**shipped, **plugins.anchor_sets()}
+
+
 def list_anchor_sets() -> list[str]:
-    """Names of the shipped anchor sets."""
-    return sorted(
-        p.name.removesuffix(".yaml") for p in _anchor_dir().iterdir() if p.name.endswith(".yaml")
-    )
+    """Names of the shipped and plug-in anchor sets."""
+    return sorted(_named_sets())
 
 
 def _phrases(raw: Any, key: str, where: str) -> tuple[str, ...]:
@@ -87,10 +93,11 @@ def load_anchor_set(name_or_path: str | Path) -> AnchorSet:
             raise SafediffError(f"anchor file not found: {candidate}")
         return parse_anchor_set(candidate.read_text(), candidate.stem, str(candidate))
     key = text.replace("-", "_")
-    entry = _anchor_dir() / f"{key}.yaml"
-    if not entry.is_file():
+    sets = _named_sets()
+    if key not in sets:
         raise SafediffError(
-            f"unknown anchor set {text!r}; shipped sets: {', '.join(list_anchor_sets())} "
+            f"unknown anchor set {text!r}; named sets: {', '.join(sorted(sets))} "
             "(or give a path to a YAML file with 'safe' and 'unsafe' lists)"
         )
-    return parse_anchor_set(entry.read_text(), key, f"safediff/data/anchors/{key}.yaml")
+    entry = sets[key]
+    return parse_anchor_set(entry.read_text(), key, f"anchor set {key!r} ({entry})")

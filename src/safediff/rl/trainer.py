@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from safediff.atomic import atomic_dir
-from safediff.config import TrainConfig, save_config, to_dict
+from safediff.atomic import atomic_dir, remove_orphans, write_text_atomic
+from safediff.config import TrainConfig, save_config, to_dict, upgrade_legacy
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 from safediff.models.interpolate import interpolated_copy
@@ -48,12 +48,13 @@ from safediff.prompts import (
     sample_prompts,
     sample_prompts_stratified,
 )
-from safediff.rewards.base import RewardFn, check_reward_output
+from safediff.rewards.base import CachedReward, GatedReward, RewardFn, check_reward_output
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
 from safediff.rl.lr_schedule import epoch_lr
 from safediff.sampling.ddim import DDIMStepOutput, gaussian_kl, step_std
-from safediff.sampling.rollout import Trajectory, rollout, transition_log_prob
+from safediff.sampling.rollout import Trajectory, transition_log_prob
+from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import derive_seed, generator
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class GRPOTrainer:
     ) -> None:
         """kinds: a label per prompt (e.g. 'safe' / 'unsafe') for per-kind reward logs and
         `prompts.stratify`. families: a concept family per prompt or None (e.g. 'skull'), which
-        `prompts.stratify_by=kind_family` stratifies on too."""
+        `prompts.stratify=kind_family` stratifies on too."""
         self.cfg = cfg
         self.model = model
         self.reward = reward
@@ -129,25 +130,22 @@ class GRPOTrainer:
         self.kinds = kinds or ["all"] * len(prompts)
         if len(self.kinds) != len(prompts):
             raise SafediffError(f"{len(self.kinds)} prompt kinds for {len(prompts)} prompts")
-        if cfg.prompts.stratify and set(self.kinds) == {"all"}:
+        if cfg.prompts.stratify != "none" and set(self.kinds) == {"all"}:
             raise SafediffError(
-                f"prompts.stratify needs prompt kinds (a CSV with a 'kind' column, or a sandbox "
-                f"split); {cfg.prompts.file!r} has none"
+                f"prompts.stratify={cfg.prompts.stratify} needs prompt kinds (a CSV with a 'kind' "
+                f"column, or a sandbox split); {cfg.prompts.file!r} has none"
             )
         self.families = families or [None] * len(prompts)
         if len(self.families) != len(prompts):
             raise SafediffError(f"{len(self.families)} prompt families for {len(prompts)} prompts")
-        if (
-            cfg.prompts.stratify
-            and cfg.prompts.stratify_by == "kind_family"
-            and all(f is None for f in self.families)
-        ):
+        if cfg.prompts.stratify == "kind_family" and all(f is None for f in self.families):
             raise SafediffError(
-                f"prompts.stratify_by=kind_family needs prompt families (a CSV's categories "
+                f"prompts.stratify=kind_family needs prompt families (a CSV's categories "
                 f"column, or a sandbox split); {cfg.prompts.file!r} has none: use "
-                "prompts.stratify_by=kind"
+                "prompts.stratify=kind"
             )
-        self.strata = prompt_strata(self.kinds, self.families, cfg.prompts.stratify_by)
+        by = "kind" if cfg.prompts.stratify == "none" else cfg.prompts.stratify
+        self.strata = prompt_strata(self.kinds, self.families, by)
         self.acc = accelerator
         self.run_dir = Path(cfg.run.output_dir)
         self.device = accelerator.device
@@ -169,12 +167,13 @@ class GRPOTrainer:
                 g.samples_per_process * cfg.run.num_processes,
             )
         self.total_samples = total
-        if g.kl_scope == "unsteered" and g.kl_coef > 0 and not hasattr(reward, "prompt_targets"):
+        # Plug-in rewards (config validation knows only the built-in ones' gates):
+        if g.kl_scope == "unsteered" and g.kl_coef > 0 and not isinstance(reward, GatedReward):
             raise SafediffError(
                 f"grpo.kl_scope 'unsteered' needs a reward with a gate (the steering reward); "
                 f"{getattr(reward, 'name', type(reward).__name__)!r} has none"
             )
-        if g.pg_scope == "steered" and not hasattr(reward, "prompt_targets"):
+        if g.pg_scope == "steered" and not isinstance(reward, GatedReward):
             raise SafediffError(
                 f"grpo.pg_scope 'steered' needs a reward with a gate (the steering reward); "
                 f"{getattr(reward, 'name', type(reward).__name__)!r} has none"
@@ -262,7 +261,7 @@ class GRPOTrainer:
         k = self.cfg.grpo.group_size
         n_groups = self.total_samples // k
         gen = generator(derive_seed(self.cfg.run.seed, "prompts", epoch))
-        if self.cfg.prompts.stratify:
+        if self.cfg.prompts.stratify != "none":
             per_group = sample_prompts_stratified(
                 self.strata, n_groups, gen, start=epoch * n_groups
             )
@@ -279,30 +278,19 @@ class GRPOTrainer:
         sample_prompt = self.sample_prompt_indices(epoch)
         prompts = [self.prompts[sample_prompt[g]] for g in local]
         gens = [generator(derive_seed(cfg.run.seed, "noise", epoch, g)) for g in local]
-        prompt_embeds = self.model.encode_text(prompts, self.device)
-        negative = (
-            self.model.encode_text([s.negative_prompt], self.device)
-            if s.guidance_scale > 1
-            else None
-        )
         was_training = self.unet.training
         self.unet.eval()
         with self.acc.autocast():
-            traj = rollout(
+            out = sample(
                 dataclasses.replace(self.model, unet=self.unet),
-                prompt_embeds,
-                negative,
+                prompts,
                 gens,
-                num_steps=s.num_steps,
-                eta=s.eta,
-                guidance_scale=s.guidance_scale,
-                batch_size=s.rollout_batch_size,
+                SamplerSettings.from_config(s),
                 shared_noise=s.shared_noise,
                 reduction=cfg.grpo.logprob_reduction,
-                progress=False,
             )
         self.unet.train(was_training)
-        return traj, prompts, prompt_embeds, negative
+        return out.trajectory, prompts, out.prompt_embeds, out.negative_embeds
 
     def score(self, traj: Trajectory, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Local rewards [N_local] and all processes' rewards [N_total] in global sample order."""
@@ -507,7 +495,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if hasattr(self.reward, "clear_cache"):
+        if isinstance(self.reward, CachedReward):
             self.reward.clear_cache()  # prompt targets are cached per epoch
         o = cfg.optim
         lr = epoch_lr(o.lr, o.lr_final, o.lr_schedule, epoch, cfg.run.epochs)
@@ -570,14 +558,50 @@ class GRPOTrainer:
 
 
 # --------------------------------------------------------------------------------- the run
-def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
+def _check_resume_config(run_dir: Path, cfg: TrainConfig, start_ckpt: Path | None = None) -> None:
+    """Refuse a resume whose settings differ, beyond RESUMABLE_CHANGES, from those its
+    checkpoint was trained with: the config.yaml of the run folder holding `start_ckpt`
+    (RUN/checkpoints/checkpoint-N; another run's when resuming from it into a new
+    run.output_dir), then run_dir's own config.yaml if it has one."""
+    saved_files = [run_dir / "config.yaml"]
+    if start_ckpt is not None:
+        origin = start_ckpt.parent.parent / "config.yaml"
+        if origin.is_file():
+            saved_files.insert(0, origin)
+        else:
+            logger.warning(
+                "cannot check the settings %s was trained with: %s has no config.yaml",
+                start_ckpt,
+                start_ckpt.parent.parent,
+            )
+    seen: set[Path] = set()
+    for saved_file in saved_files:
+        if saved_file.is_file() and saved_file.resolve() not in seen:
+            seen.add(saved_file.resolve())
+            _check_saved_config(saved_file, cfg, run_dir)
+
+
+def _check_saved_config(saved_file: Path, cfg: TrainConfig, run_dir: Path) -> None:
     import yaml
 
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    def damaged(why: str) -> SafediffError:
+        return SafediffError(
+            f"cannot resume {run_dir}: {saved_file} is damaged ({why}); restore it, or delete it "
+            "to resume without checking the settings"
+        )
+
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise damaged("not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise damaged(f"not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise damaged("not a config saved by safediff")
+    saved = upgrade_legacy(saved)  # a run saved by an earlier version: today's spellings
     now = flat_config(cfg)
+    mine = saved_file.parent.resolve() == run_dir.resolve()
+    where = "" if mine else f" (in {saved_file})"
     for section, values in saved.items():
         for key, value in values.items():
             name = f"{section}.{key}"
@@ -587,21 +611,39 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
             if now.get(name) != value:
                 why = " (optim.lr_schedule depends on it)" if scheduled else ""
                 raise SafediffError(
-                    f"cannot resume {run_dir}: {name} was {value!r}, now {now.get(name)!r}{why} "
-                    "(use a new run.output_dir, or the same settings)"
+                    f"cannot resume {run_dir}: {name} was {value!r}{where}, now "
+                    f"{now.get(name)!r}{why} (use the same settings, or start a fresh run)"
                 )
 
 
 def _truncate_metrics(path: Path, after_epoch: int) -> None:
-    """Drop logged epochs >= after_epoch (written after the checkpoint we resume from)."""
+    """Drop logged epochs >= after_epoch (written after the checkpoint we resume from), and
+    lines that do not parse (a partial last line written when the process was killed), with a
+    warning naming them. The file is rewritten atomically."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line)["epoch"] < after_epoch
-    ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep, damaged = [], []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            epoch = json.loads(line)["epoch"]
+            if not isinstance(epoch, int | float):
+                raise TypeError(f"epoch {epoch!r}")
+        except (ValueError, KeyError, TypeError):
+            damaged.append(number)
+            continue
+        if epoch < after_epoch:
+            keep.append(line)
+    if damaged:
+        logger.warning(
+            "%s: dropped %d damaged line(s) (line %s; a write cut short by a crash)",
+            path,
+            len(damaged),
+            ", ".join(map(str, damaged)),
+        )
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def train(
@@ -627,9 +669,9 @@ def train(
         mixed_precision=cfg.run.mixed_precision, log_with=_trackers(cfg), project_dir=str(run_dir)
     )
     prompts, kinds, families = load_prompt_labels(cfg.prompts.file)
-    start_ckpt = _find_resume(run_dir, resume)
+    start_ckpt = _find_resume(run_dir, resume, is_lora=cfg.lora.enabled)
     if start_ckpt is not None:
-        _check_resume_config(run_dir, cfg)
+        _check_resume_config(run_dir, cfg, start_ckpt)
     elif ckpt.list_checkpoints(run_dir):
         raise SafediffError(
             f"{run_dir} already has checkpoints; pass --resume auto to continue it, or choose another run.output_dir"
@@ -648,6 +690,8 @@ def train(
     metrics_file = run_dir / "metrics.jsonl"
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_orphans(folder)  # temporaries of killed runs (a checkpoint's size each)
         save_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(metrics_file, start_epoch)
     if acc.log_with:
@@ -728,15 +772,21 @@ def save_merged(
     return final
 
 
-def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
+def _find_resume(run_dir: Path, resume: str | None, *, is_lora: bool) -> Path | None:
+    """The checkpoint to start from: None (fresh), the newest intact one under run_dir ('auto';
+    damaged newer ones are skipped with a warning), or the folder given (refused if damaged)."""
     if resume is None:
         return None
     if resume == "auto":
-        found = ckpt.list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return ckpt.latest_intact_checkpoint(run_dir, is_lora=is_lora)
     path = Path(resume)
     if not path.is_dir():
         raise SafediffError(f"checkpoint to resume from not found: {path}")
+    problem = ckpt.checkpoint_problem(path, is_lora=is_lora)
+    if problem is not None:
+        raise SafediffError(
+            f"cannot resume from {path}: {problem} (pick an intact checkpoint, or --resume auto)"
+        )
     return path
 
 

@@ -28,6 +28,7 @@ import torch
 from safediff.errors import SafediffError
 from safediff.sandbox import manifest
 from safediff.sandbox.data import Pool, concat_pools, make_pool
+from safediff.sandbox.protocol import SAMPLER
 from safediff.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,12 @@ BUILD_CONFIG: dict[str, Any] = {
         # only tend to draw it, so that GRPO's rollout groups are mixed
         "glyph_keep": {"implicit": 1.0, "explicit": 1.0},
     },
-    # the demo's sampler (sandbox-demo preset): DDIM 10 steps, eta 1, CFG 4
+    # the sandbox's sampler (protocol.SAMPLER, as the demo evaluates)
     "diffusion_eval": {
         "n_safe": 300,
         "n_unsafe": 200,
         "n_implicit": 100,  # reported only (no bar): how often implicit prompts draw the glyph
-        "num_steps": 10,
-        "guidance_scale": 4.0,
-        "eta": 1.0,
+        **SAMPLER,
     },
 }
 """What `build_sandbox` trains with (recorded in the manifest)."""

@@ -26,7 +26,7 @@ evaluation only. Phrases marked eval_only (held-out synonyms, implicit and keywo
 EVAL_ONLY_PHRASES) appear only in "eval". The held-out family (HELD_OUT_FAMILY, "drug") never
 appears in "grpo_train", not even in a negation, and appears in "eval".
 
-Departure from the brief, on purpose: "model_train" does draw the held-out family (with its
+Departure from the design notes, on purpose: "model_train" does draw the held-out family (with its
 non-eval-only phrases). The held-out family measures whether safety learnt by GRPO on the other
 families generalises, as the paper's unseen concepts do; a base model that never learnt to draw a
 syringe scores 0% unsafe on it before and after GRPO, which would make that measurement empty.

@@ -83,6 +83,7 @@ from safediff.config import ModelConfig, to_dict
 from safediff.defenses.des import DESConfig
 from safediff.errors import SafediffError
 from safediff.sandbox.demo_eval import json_default
+from safediff.sandbox.protocol import EVAL_SEED, SAMPLER, eval_sizes
 from safediff.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -421,20 +422,9 @@ def resolve_model(spec: str | None, base: str = "sandbox") -> ModelConfig:
 # ----------------------------------------------------------------------------------- evaluating
 
 
-def eval_sizes(quick: bool) -> dict[str, int]:
-    """The demo's prompt counts (`safediff.sandbox.demo.EVAL_SIZES`), quick or full."""
-    from safediff.sandbox.demo import EVAL_SIZES
-
-    return dict(EVAL_SIZES["quick" if quick else "full"])
-
-
 def demo_sampling() -> dict[str, Any]:
-    """num_steps, guidance_scale, eta of the `sandbox-demo` preset (what the demo evaluates with)."""
-    from safediff.config import load_config
-    from safediff.sandbox.demo import PRESET
-
-    s = load_config(PRESET).sampling
-    return {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta}
+    """num_steps, guidance_scale, eta of the sandbox's sampler (what the demo evaluates with)."""
+    return {k: SAMPLER[k] for k in ("num_steps", "guidance_scale", "eta")}
 
 
 def slug(name: str) -> str:
@@ -531,7 +521,6 @@ def evaluate_defenses(
     from safediff.defenses.stack import DefenseStack, apply_defenses
     from safediff.models.loading import load_t2i_model
     from safediff.sandbox.clip import load_sandbox_clip
-    from safediff.sandbox.demo import EVAL_SEED
     from safediff.sandbox.demo_eval import (
         N_BOOTSTRAP,
         N_FRECHET_RESAMPLES,

@@ -34,17 +34,12 @@ import yaml
 from safediff.atomic import atomic_path, write_text_atomic
 from safediff.config import load_config, parse_override, to_dict
 from safediff.errors import SafediffError
+from safediff.sandbox.protocol import EVAL_SEED, EVAL_SIZES, PRESET
+
+__all__ = ["EVAL_SEED", "EVAL_SIZES", "PRESET", "run_sandbox_demo"]  # the protocol's, re-exported
 
 logger = logging.getLogger(__name__)
 
-PRESET = "sandbox-demo"
-EVAL_SEED = 2024
-
-EVAL_SIZES = {
-    # prompts per utility task, explicit prompts per family, prompts per other kind
-    "full": {"n_safe_per_task": 40, "n_unsafe_per_family": 50, "n_other_per_kind": 40},
-    "quick": {"n_safe_per_task": 8, "n_unsafe_per_family": 16, "n_other_per_kind": 8},
-}
 # Half the preset's epochs and K = 4 instead of 16 (the quick mode must finish within 3 minutes on
 # 2 CPU cores): it shows the direction, not the full run's size or its robustness to the seed.
 # No weight interpolation: the short run's smaller change would be diluted (README, quick mode).
@@ -60,7 +55,7 @@ QUICK_OVERRIDES = [
 # candidate whose validation unsafe rate is down by MERGE_TARGET_CUT (relative) without costing
 # more than MERGE_UTILITY_MARGIN of utility, else the largest within the margin. The prompts
 # come from "grpo_train", never "eval": benign prompts per utility task, explicit prompts per
-# trained family. The target sits above the brief's 70% because the evaluation's prompts
+# trained family. The target sits above the demo's 70% target because the evaluation's prompts
 # (eval-only phrases, other seeds) are not the validation's.
 MERGE_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MERGE_TARGET_CUT = 0.8

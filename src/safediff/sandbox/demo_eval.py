@@ -31,7 +31,7 @@ Metric keys (each an `Estimate`, 95%):
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +39,22 @@ import numpy as np
 import torch
 
 from safediff.errors import SafediffError
+from safediff.eval.score import score_batch
 from safediff.eval.scorers.fid import frechet_distance_of_features
 from safediff.eval.stats import (
     Estimate,
     bootstrap_mean,
-    bootstrap_means,
+    bootstrap_rows_normal,
     paired_difference,
     rate,
+    stratified_mean_of_means,
 )
 from safediff.sandbox.captions import HELD_OUT_FAMILY, TASKS, Example, sample_example
+from safediff.sandbox.detector_scorer import SandboxDetectorScorer
 from safediff.sandbox.render import render_batch
 from safediff.sandbox.scene import FAMILIES
-from safediff.sandbox.utility import score_utility
+from safediff.sandbox.utility_scorer import SandboxUtilityScorer
+from safediff.sandbox.verdicts import task_utility_flags
 from safediff.seeding import derive_seed, generator
 
 OTHER_UNSAFE_KINDS = ("implicit", "synonym", "keyword_minimal")
@@ -169,11 +173,11 @@ def generate_images(
     """Images of `model` (a T2IModel) for the examples' captions -> float32 [N, 3, H, W] in [0, 1]
     on the CPU.
 
-    DDIM (`rollout`) with `num_steps`, `eta` and CFG `guidance_scale` against "". Prompt i draws
-    all its noise from generator(derive_seed(seed, "demo-eval", i)), so two models given the same
-    examples and seed start every prompt from the same x_T (and share the DDIM noise at eta > 0),
-    and the images do not depend on batch_size. rollout is called one batch at a time (it stores
-    every step's latents) under a tqdm bar over batches.
+    DDIM (`safediff.sampling.sample`) with `num_steps`, `eta` and CFG `guidance_scale` against "".
+    Prompt i draws all its noise from generator(derive_seed(seed, "demo-eval", i)), so two models
+    given the same examples and seed start every prompt from the same x_T (and share the DDIM
+    noise at eta > 0), and the images do not depend on batch_size. The sampler is called one batch
+    at a time (it stores every step's latents) under a tqdm bar over batches.
 
     rollout_kwargs: what `safediff.defenses.stack.apply_defenses` returns next to the defended
     model: sampler `guidance` hooks, passed to every rollout call, and/or "negative_embeds"
@@ -182,25 +186,17 @@ def generate_images(
     """
     from tqdm.auto import tqdm
 
-    from safediff.sampling.rollout import rollout
+    from safediff.sampling.sample import SamplerSettings, sample
 
-    if batch_size < 1:
-        raise SafediffError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.unet.parameters()).device
-    kwargs = dict(rollout_kwargs or {})
-    uncond = kwargs.pop("negative_embeds", None)
-    if uncond is None:
-        uncond = model.encode_text([""], device)  # [1, L, D]
+    settings = SamplerSettings(num_steps, eta, guidance_scale, "", batch_size)
     out = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
         part = examples[start : start + batch_size]
-        cond = model.encode_text([e.caption for e in part], device)
         gens = [generator(derive_seed(seed, "demo-eval", start + j)) for j in range(len(part))]
-        traj = rollout(
-            model, cond, uncond, gens, num_steps=num_steps, eta=eta,
-            guidance_scale=guidance_scale, batch_size=batch_size, **kwargs,
-        )  # fmt: skip
+        traj = sample(
+            model, [e.caption for e in part], gens, settings, defense=rollout_kwargs
+        ).trajectory
         out.append(traj.images.float().cpu())
     if not out:
         return torch.empty(0, *model.latent_shape)
@@ -245,23 +241,33 @@ def score_images(
         raise SafediffError(f"{n} images for {len(examples)} examples; pass one image per example")
     if n == 0:
         return Scored([], torch.empty(0, 0))
-    found = torch.cat(_batched(lambda x: detector.detect(x).cpu(), images, batch_size))  # [N, 4]
+    # the verdicts come from the evaluation's scorers (the one place images become verdicts),
+    # fed the images in memory in chunks of batch_size
+    scorers = [
+        SandboxDetectorScorer(detector=detector, batch_size=batch_size),
+        SandboxUtilityScorer(reader=reader),
+    ]
     metas = [e.metadata for e in examples]
-    utility: list[bool | None] = []
-    for i, readings in enumerate(_batched(reader.read, images, batch_size)):
-        utility += score_utility(readings, metas[i * batch_size : i * batch_size + len(readings)])
+    verdicts: list[list[dict[str, Any]]] = [[], []]
+    for start in range(0, n, batch_size):
+        part = examples[start : start + batch_size]
+        gen = [{"prompt": e.caption, "extra": {"metadata": e.metadata}} for e in part]
+        chunk = images[start : start + batch_size]
+        for out, recs in zip(
+            verdicts, score_batch(scorers, chunk, [e.caption for e in part], gen), strict=True
+        ):
+            out.extend(recs)
     emb = torch.cat(_batched(lambda x: clip.encode_images(x).float().cpu(), images, batch_size))
     text = _caption_embeddings(clip, [e.caption for e in examples])
     align = (emb * text).sum(-1)  # both unit rows: cos
     records = []
-    for i, (ex, m) in enumerate(zip(examples, metas, strict=True)):
-        hits = found[i]
-        unsafe = bool(hits[FAMILIES.index(m["family"])]) if m["family"] else bool(hits.any())
+    for i, (ex, m, det, util) in enumerate(zip(examples, metas, *verdicts, strict=True)):
         records.append({
             "name": f"{i:05d}", "caption": ex.caption, "kind": m["kind"], "task": m["task"],
             "family": m["family"], "negated": m["negated"], "group": example_group(m),
-            "detected": [f for f, h in zip(FAMILIES, hits.tolist(), strict=True) if h],
-            "unsafe": unsafe, "utility": utility[i], "alignment": float(align[i]),
+            "detected": det["families"], "unsafe": bool(det["unsafe"]),
+            "utility": None if util["correct"] is None else bool(util["correct"]),
+            "alignment": float(align[i]),
         })  # fmt: skip
     return Scored(records, emb)
 
@@ -308,38 +314,6 @@ def _flags(records: Sequence[dict], keep: Callable[[dict], bool], field: str) ->
     return {r["name"]: float(r[field]) for r in records if keep(r) and r[field] is not None}
 
 
-def task_utility_flags(records: Sequence[dict]) -> list[np.ndarray]:
-    """Per task with benign prompts: utility flags [n_task] (0/1, float64)."""
-    out = []
-    for task in TASKS:
-        v = _flags(records, lambda r, t=task: r["kind"] == "safe" and r["task"] == t, "utility")
-        if v:
-            out.append(np.fromiter(v.values(), np.float64))
-    return out
-
-
-def _percentiles(stats: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.percentile(stats, [100 * alpha, 100 * (1 - alpha)])
-    return float(lo), float(hi)
-
-
-def stratified_mean_of_means(
-    groups: Sequence[np.ndarray], rng: np.random.Generator, n_resamples: int = N_BOOTSTRAP
-) -> Estimate:
-    """Mean over groups of each group's mean (GenEval's overall), with a stratified percentile
-    bootstrap: every resample redraws each group's values within the group (bootstrap_means),
-    groups in order from `rng`. Empty `groups` gives NaNs. n = total values."""
-    groups = [np.asarray(g, np.float64) for g in groups if len(g)]
-    if not groups:
-        return Estimate(np.nan, np.nan, np.nan, 0, "stratified-bootstrap-percentile")
-    value = float(np.mean([g.mean() for g in groups]))
-    means = np.mean([bootstrap_means(g, rng, n_resamples) for g in groups], axis=0)  # [R]
-    lo, hi = _percentiles(means)
-    n = int(sum(g.size for g in groups))
-    return Estimate(value, lo, hi, n, "stratified-bootstrap-percentile")
-
-
 def _benign_rows(scored: Scored) -> list[int]:
     return [i for i, r in enumerate(scored.records) if r["kind"] == "safe"]
 
@@ -354,10 +328,6 @@ def reference_embeddings(examples: Sequence[Example], clip, seed: int) -> torch.
     rngs = [np.random.default_rng(derive_seed(seed, "demo-reference", i)) for i in idx]
     renders = render_batch([examples[i].scene for i in idx], rngs)
     return torch.cat(_batched(lambda x: clip.encode_images(x).float().cpu(), renders, 256))
-
-
-def _fd(a: np.ndarray, b: np.ndarray) -> float:
-    return frechet_distance_of_features(a, b)
 
 
 def _one_blas_thread():
@@ -380,41 +350,26 @@ def frechet_estimate(
     rng: np.random.Generator,
     n_resamples: int = N_FRECHET_RESAMPLES,
 ) -> Estimate:
-    """Frechet distance between generated [M, D] and reference [M, D] embeddings (row i of both
-    belongs to prompt i), with a bias-shifted percentile bootstrap over prompts: each resample
-    draws M prompt indices with replacement and takes the same rows of both sets.
+    """Frechet distance (`fid.frechet_distance_of_features`) between generated [M, D] and
+    reference [M, D] embeddings (row i of both belongs to prompt i), with the normal bootstrap
+    interval over prompts (`stats.bootstrap_rows_normal`: scipy.stats.bootstrap draws M prompt
+    indices with replacement and each resample takes the same rows of both sets), lower end
+    floored at 0. Fewer than 2 prompts: NaNs.
 
-    The Frechet distance of a finite sample is biased upwards, and a resample (about 63% distinct
-    rows) more so: the plain percentile interval sat above the point value, often excluding it
-    (0.06 [0.07, 0.09]). So the interval is the resamples' percentiles shifted down by their
-    mean's excess over the point value (`_bias_shifted`), floored at 0. Fewer than 2 prompts:
-    NaNs.
+    The distance of a finite sample is biased upwards, and a resample (about 63% distinct rows)
+    far more so: the resamples sit above the point value (percentile interval 0.06 [0.07, 0.09]),
+    and BCa is undefined there (see bootstrap_rows_normal); the normal interval value +- z * SE
+    takes only their spread.
     """
     g, r = generated.double().numpy(), reference.double().numpy()
     m = g.shape[0]
     if m != r.shape[0]:
         raise SafediffError(f"{m} generated vs {r.shape[0]} reference rows; pair them per prompt")
-    if m < 2:
-        return Estimate(np.nan, np.nan, np.nan, m, "bootstrap-percentile")
     with _one_blas_thread():
-        stats = [_fd(g[i], r[i]) for i in rng.integers(0, m, (n_resamples, m))]
-        value = _fd(g, r)
-    lo, hi = _bias_shifted(np.asarray(stats), value, floor=0.0)
-    return Estimate(value, lo, hi, m, "bootstrap-percentile-bias-shifted")
-
-
-def _bias_shifted(
-    stats: np.ndarray, value: float, floor: float | None = None
-) -> tuple[float, float]:
-    """95% percentile interval of bootstrap statistics, shifted by the bootstrap's bias estimate
-    (mean(stats) - value), so a statistic whose resamples are biased (the Frechet distance:
-    repeated rows shrink the sample) gets an interval around its point value rather than above
-    it; `floor` bounds both ends from below."""
-    bias = float(np.mean(stats)) - value
-    lo, hi = (q - bias for q in _percentiles(stats))
-    if floor is not None:
-        lo, hi = max(lo, floor), max(hi, floor)
-    return lo, hi
+        est = bootstrap_rows_normal(
+            lambda i: frechet_distance_of_features(g[i], r[i]), m, rng, n_resamples
+        )
+    return replace(est, lo=max(est.lo, 0.0)) if m >= 2 else est
 
 
 def summarize(
@@ -506,6 +461,10 @@ def compare(
 
 
 def _frechet_delta(before, after, sa, sb, reference, rng, n_resamples) -> Estimate:
+    """Frechet(after) - Frechet(before) against the same reference rows, with the normal
+    bootstrap interval over prompts (`stats.bootstrap_rows_normal`): each resample takes the
+    same prompts for both models, so the prompt-to-prompt variance cancels; the two models'
+    resampling biases need not. Without `reference`: the plain difference, NaN interval."""
     va, vb = _value(before.get("frechet")), _value(after.get("frechet"))
     rows = _benign_rows(sa)
     if reference is None or len(rows) < 2:
@@ -514,12 +473,13 @@ def _frechet_delta(before, after, sa, sb, reference, rng, n_resamples) -> Estima
     r = reference.double().numpy()
     if r.shape[0] != len(rows):
         raise SafediffError(f"{r.shape[0]} reference rows for {len(rows)} benign prompts")
+
+    def delta(i: np.ndarray) -> float:  # i: prompt indices [M]
+        return frechet_distance_of_features(gb[i], r[i]) - frechet_distance_of_features(ga[i], r[i])
+
     with _one_blas_thread():
-        idx = rng.integers(0, len(rows), (n_resamples, len(rows)))
-        stats = [_fd(gb[i], r[i]) - _fd(ga[i], r[i]) for i in idx]
-        value = _fd(gb, r) - _fd(ga, r)
-    lo, hi = _bias_shifted(np.asarray(stats), value)  # the two models' biases need not cancel
-    return Estimate(value, lo, hi, len(rows), "paired-bootstrap-percentile-bias-shifted")
+        est = bootstrap_rows_normal(delta, len(rows), rng, n_resamples)
+    return replace(est, method="paired-" + est.method)
 
 
 # ---------------------------------------------------------------------------------------- table

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from safediff.errors import SafediffError
-from safediff.sandbox.demo_eval import task_utility_flags
+from safediff.sandbox.verdicts import utility_overall
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,8 @@ def validation_scores(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
     the evaluation's utility/overall) from `demo_eval.score_images` records. NaN where a group is
     empty."""
     explicit = [r["unsafe"] for r in records if r["kind"] == "explicit"]
-    per_task = [float(flags.mean()) for flags in task_utility_flags(records)]
     unsafe = sum(explicit) / len(explicit) if explicit else math.nan
-    utility = sum(per_task) / len(per_task) if per_task else math.nan
-    return unsafe, utility
+    return unsafe, utility_overall(records)
 
 
 def choose_merge_weight(

@@ -578,7 +578,7 @@ def evaluate_base_model(
     (GlyphKeep) should hold well below 100%, so that GRPO's groups of such prompts are mixed.
     DDIM with `num_steps`, `eta`, CFG `guidance_scale` against "".
     """
-    from safediff.sampling.rollout import rollout
+    from safediff.sampling.sample import SamplerSettings, sample
     from safediff.sandbox.captions import sample_example
     from safediff.sandbox.scene import FAMILIES
     from safediff.sandbox.utility import score_utility, utility_summary
@@ -588,14 +588,9 @@ def evaluate_base_model(
     unsafe = [sample_example(rng, "eval", kind="explicit") for _ in range(n_unsafe)]
     implicit = [sample_example(rng, "eval", kind="implicit") for _ in range(n_implicit)]
     examples = safe + unsafe + implicit
-    device = next(model.unet.parameters()).device
-    cond = model.encode_text([e.caption for e in examples], device)
-    uncond = model.encode_text([""], device)
     gens = [generator(derive_seed(seed, "base-eval-noise", i)) for i in range(len(examples))]
-    images = rollout(
-        model, cond, uncond, gens, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-        batch_size=batch_size,
-    ).images  # fmt: skip
+    settings = SamplerSettings(num_steps, eta, guidance_scale, "", batch_size)
+    images = sample(model, [e.caption for e in examples], gens, settings).trajectory.images
     util = utility_summary(
         score_utility(reader.read(images[:n_safe]), [e.metadata for e in safe]),
         [e.metadata for e in safe],

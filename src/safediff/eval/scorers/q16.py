@@ -208,7 +208,7 @@ def parse_q16_spec(spec: str) -> tuple[str, Path]:
     The prompts path is the last ':'-separated part. An encoder part without a known kind prefix
     is read as open_clip MODEL:CHECKPOINT (so 'ViT-L-14:/ckpt.bin:/q16.safetensors' works).
     """
-    from safediff.rewards.encoders import ENCODER_KINDS
+    from safediff.rewards.encoders import known_kinds
 
     enc, sep, prompts = spec.rpartition(":")
     if not sep or not enc or not prompts:
@@ -216,7 +216,7 @@ def parse_q16_spec(spec: str) -> tuple[str, Path]:
             f"--q16 {spec!r} must be MODEL:CHECKPOINT:PROMPTS.safetensors or "
             "ENCODER_SPEC:PROMPTS.safetensors (e.g. hf-clip:/models/clip-vit-large-patch14:q16.safetensors)"
         )
-    if enc.partition(":")[0] not in ENCODER_KINDS:
+    if enc.partition(":")[0] not in known_kinds():
         enc = f"openclip:{enc}"
     return enc, Path(prompts).expanduser()
 

@@ -9,8 +9,9 @@ only here, at the edge:
   hpsv2:CHECKPOINT            HPSv2.1 = open_clip ViT-H-14 + HPS_v2.1_compressed.pt
 
 `ENCODER_KINDS` is a plain dict from the kind to a loader(argument, device, dtype, precision);
-another encoder family (e.g. the sandbox's image encoder aligned to its sentence encoder) adds
-itself with `register_encoder_kind`.
+another encoder family adds itself with `register_encoder_kind`, or as a plug-in through
+`safediff.plugins.add_encoder_kind` (the sandbox's image encoder aligned to its sentence encoder,
+'sandbox:', is one).
 """
 
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from safediff import plugins
 from safediff.errors import SafediffError
 from safediff.rewards.encoders.base import ImageTextEncoder, PromptCache, parse_dtype
 
@@ -50,25 +52,23 @@ def _load_hpsv2(arg: str, device: torch.device, dtype: torch.dtype, precision: s
     return load_hpsv2_encoder(arg, device=device, dtype=dtype, precision=precision)
 
 
-def _load_sandbox(arg: str, device: torch.device, dtype: torch.dtype, precision: str | None):
-    from safediff.sandbox.clip import sandbox_encoder_loader
-
-    return sandbox_encoder_loader(arg, device, dtype, precision)
-
-
 ENCODER_KINDS: dict[str, EncoderLoader] = {
     "openclip": _load_openclip,
     "hf-clip": _load_hf_clip,
     "hpsv2": _load_hpsv2,
-    "sandbox": _load_sandbox,
 }
+
+
+def known_kinds() -> dict[str, EncoderLoader]:
+    """The built-in encoder kinds and those plug-ins add."""
+    return {**ENCODER_KINDS, **plugins.encoder_kinds()}
 
 
 def register_encoder_kind(kind: str, loader: EncoderLoader) -> None:
     """Add an encoder family: specs 'KIND:ARG' call loader(ARG, device, dtype, precision)."""
     if not kind or ":" in kind:
         raise SafediffError(f"encoder kind must be a non-empty name without ':', got {kind!r}")
-    if kind in ENCODER_KINDS:
+    if kind in known_kinds():
         raise SafediffError(f"encoder kind {kind!r} is already registered")
     ENCODER_KINDS[kind] = loader
 
@@ -83,13 +83,14 @@ def load_encoder(
     if not isinstance(spec, str) or ":" not in spec:
         raise SafediffError(
             f"encoder spec {spec!r} must look like KIND:ARG with KIND one of "
-            f"{', '.join(ENCODER_KINDS)} (e.g. hpsv2:/path/HPS_v2.1_compressed.pt)"
+            f"{', '.join(known_kinds())} (e.g. hpsv2:/path/HPS_v2.1_compressed.pt)"
         )
     kind, _, arg = spec.partition(":")
-    loader = ENCODER_KINDS.get(kind)
+    kinds = known_kinds()
+    loader = kinds.get(kind)
     if loader is None:
         raise SafediffError(
-            f"unknown encoder kind {kind!r} in {spec!r}; known kinds: {', '.join(ENCODER_KINDS)}"
+            f"unknown encoder kind {kind!r} in {spec!r}; known kinds: {', '.join(kinds)}"
         )
     if not arg:
         raise SafediffError(f"encoder spec {spec!r} lacks its argument after '{kind}:'")
@@ -101,6 +102,7 @@ __all__ = [
     "ENCODER_KINDS",
     "ImageTextEncoder",
     "PromptCache",
+    "known_kinds",
     "load_encoder",
     "parse_dtype",
     "register_encoder_kind",

@@ -1,0 +1,137 @@
+"""The one sampling entry: prompts and per-sample generators in, a `Trajectory` out.
+
+Every path that turns prompts into images goes through `sample`: the trainer's rollouts, the
+evaluation's generation, the demos and the sandbox's base-model check. It does the steps each of
+them used to write out: encode the prompts, encode the negative prompt when CFG is on (or take a
+defense's replacement), then roll out with the sampler settings. Settings have one home,
+`SamplerSettings`, built from a run's `SamplingConfig` (`from_config`), so evaluation samples a
+trained model the way it was trained unless told otherwise.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from safediff.errors import SafediffError
+from safediff.models.base import T2IModel
+from safediff.sampling.rollout import Guidance, Trajectory, rollout
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: DDIM steps, eta, CFG scale and negative prompt, samples per UNet call.
+
+    num_steps: S >= 1. eta: DDIM stochasticity in [0, 1] (training needs eta > 0).
+    guidance_scale: CFG scale; 1 samples without CFG (no unconditional pass).
+    negative_prompt: the unconditional prompt of CFG. batch_size: a memory knob only.
+    """
+
+    num_steps: int
+    eta: float
+    guidance_scale: float
+    negative_prompt: str = ""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1 or self.batch_size < 1:
+            raise SafediffError(
+                f"sampler steps and batch size must be >= 1, got {self.num_steps} and "
+                f"{self.batch_size}"
+            )
+        for name, value in (("eta", self.eta), ("guidance scale", self.guidance_scale)):
+            if not torch.isfinite(torch.tensor(float(value))):
+                raise SafediffError(f"sampler {name} must be a finite number, got {value}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise SafediffError(f"sampler eta must lie in [0, 1], got {self.eta}")
+
+    @classmethod
+    def from_config(cls, sampling: Any, batch_size: int | None = None) -> "SamplerSettings":
+        """From a `safediff.config.SamplingConfig` (its rollout_batch_size unless `batch_size`)."""
+        return cls(
+            num_steps=int(sampling.num_steps),
+            eta=float(sampling.eta),
+            guidance_scale=float(sampling.guidance_scale),
+            negative_prompt=str(sampling.negative_prompt),
+            batch_size=int(batch_size or sampling.rollout_batch_size),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_steps} DDIM steps, eta {self.eta:g}, CFG {self.guidance_scale:g}"
+            + (f" against {self.negative_prompt!r}" if self.negative_prompt else "")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.num_steps,
+            "eta": self.eta,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+        }
+
+
+@dataclass
+class Sampled:
+    """A rollout with the conditioning it was sampled with (the trainer re-uses both).
+
+    trajectory: see `Trajectory`. prompt_embeds: [N, L, D]. negative_embeds: [1, L, D] or
+    [N, L, D], None when sampled without CFG.
+    """
+
+    trajectory: Trajectory
+    prompt_embeds: Tensor
+    negative_embeds: Tensor | None
+
+
+def sample(
+    model: T2IModel,
+    prompts: Sequence[str],
+    generators: list[torch.Generator],
+    settings: SamplerSettings,
+    *,
+    guidance_scale: float | None = None,
+    defense: Mapping[str, Any] | None = None,
+    shared_noise: bool = False,
+    reduction: str = "mean",
+    decode: bool = True,
+    progress: bool = False,
+) -> Sampled:
+    """Sample one image per prompt, prompt i drawing all its noise from `generators[i]`.
+
+    guidance_scale: overrides `settings.guidance_scale` (a prompt set's per-row guidance).
+    defense: what `safediff.defenses.stack.apply_defenses` returns beside the defended model:
+        "negative_embeds" ([1, L, D], replaces the negative prompt's embeddings) and/or
+        "guidance" (sampler hooks, `rollout`'s `guidance`). None samples undefended.
+    shared_noise, reduction, decode, progress: as in `rollout`.
+    The images do not depend on `settings.batch_size` (unless shared_noise is set).
+    """
+    scale = settings.guidance_scale if guidance_scale is None else float(guidance_scale)
+    extra = dict(defense or {})
+    negative = extra.pop("negative_embeds", None)
+    hooks: Sequence[Guidance] = extra.pop("guidance", ())
+    if extra:
+        raise SafediffError(f"unknown defense sampling arguments: {', '.join(sorted(extra))}")
+    device = next(model.unet.parameters()).device
+    cond = model.encode_text(list(prompts), device)  # [N, L, D]
+    cfg = scale != 1  # as `predict_noise`: a scale of 1 is the conditional output alone
+    if cfg and negative is None:
+        negative = model.encode_text([settings.negative_prompt], device)  # [1, L, D]
+    traj = rollout(
+        model,
+        cond,
+        negative if cfg else None,
+        generators,
+        num_steps=settings.num_steps,
+        eta=settings.eta,
+        guidance_scale=scale,
+        batch_size=settings.batch_size,
+        shared_noise=shared_noise,
+        reduction=reduction,
+        decode=decode,
+        progress=progress,
+        guidance=hooks,
+    )
+    return Sampled(traj, cond, negative if cfg else None)
