@@ -72,6 +72,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("sampling.eta=0", "eta"),
         ("grpo.timestep_fraction=1.5", "timestep_fraction"),
         ("run.mixed_precision=fp8", "mixed_precision"),
+        ("grpo.batching=timesteps", "grpo.batching must be one of transitions, samples"),
+        ("grpo.adv_std=sample", "grpo.adv_std must be one of population, unbiased"),
+        ("prompts.order=sequential", "prompts.order must be one of random, pass"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, fragment):
@@ -299,6 +302,12 @@ def test_scopes_need_a_gated_reward_where_the_config_can_tell():
     load_config(None, [*steering, "grpo.kl_scope=unsteered", "grpo.pg_scope=steered"])
     # a plug-in's gate is checked by the trainer (isinstance GatedReward)
     load_config(None, ["reward.name=my_plugin", "grpo.pg_scope=steered"])
+
+
+def test_prompt_pass_does_not_stratify():
+    with pytest.raises(SafediffError, match="prompts.order 'pass' .* use prompts.stratify=none"):
+        load_config(None, ["prompts.order=pass", "prompts.stratify=kind"])
+    assert load_config(None, ["prompts.order=pass"]).prompts.order == "pass"
 
 
 def test_reward_gate_table_matches_the_builders_protocols():

@@ -50,6 +50,37 @@ def test_population_not_sample_std():
     torch.testing.assert_close(res.advantages, torch.tensor([-1.0, 1.0]))
 
 
+def test_unbiased_std_is_the_references_torch_std():
+    # Two values: the unbiased std is |a - b| / sqrt(2), so advantages are +-1/sqrt(2).
+    res = group_advantages(
+        torch.tensor([0.3, 0.7]), torch.tensor([5, 5]), eps=0.0, clip=10.0, std="unbiased"
+    )
+    torch.testing.assert_close(res.advantages, torch.tensor([-1.0, 1.0]) / math.sqrt(2))
+    # The reference's formula, group by group: (r - mean) / (r.std() + 1e-8), then clamp.
+    gen = torch.Generator().manual_seed(4)
+    rewards = torch.randn(4 * 16, generator=gen) * 0.05
+    ids = torch.arange(4).repeat_interleave(16)
+    res = group_advantages(rewards, ids, eps=1e-8, clip=2.5, std="unbiased")
+    for g in range(4):
+        r = rewards[ids == g]
+        want = ((r - r.mean()) / (r.std() + 1e-8)).clamp(-2.5, 2.5)
+        torch.testing.assert_close(res.advantages[ids == g], want, rtol=1e-5, atol=1e-6)
+    population = group_advantages(rewards, ids, eps=0.0, clip=1e9).advantages
+    unbiased = group_advantages(rewards, ids, eps=0.0, clip=1e9, std="unbiased").advantages
+    torch.testing.assert_close(unbiased, population * math.sqrt(15 / 16))
+
+
+def test_unbiased_pooled_std_has_one_degree_of_freedom_per_group():
+    # Deviations -1, +1 and -0.1, +0.1: sum of squares 2.02 over 4 - 2 = 2 degrees of freedom.
+    r = torch.tensor([0.0, 2.0, 0.0, 0.2])
+    ids = torch.tensor([0, 0, 1, 1])
+    res = group_advantages(r, ids, eps=0.0, clip=10.0, scale="pooled", std="unbiased")
+    s = math.sqrt(2.02 / 2)
+    torch.testing.assert_close(res.advantages, torch.tensor([-1 / s, 1 / s, -0.1 / s, 0.1 / s]))
+    with pytest.raises(ValueError, match="std"):
+        group_advantages(r, ids, eps=0, clip=1, std="sample")
+
+
 def test_matches_numpy_shuffled_ids_and_eps():
     gen = torch.Generator().manual_seed(0)
     n_groups, k = 7, 6

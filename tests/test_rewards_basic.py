@@ -165,3 +165,30 @@ def test_builder_without_device_and_with_kwargs(fresh_registry):
         register_reward("", no_device)
     with pytest.raises(SafediffError, match=r"callable"):
         register_reward("x", 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The JPEG parity path
+
+
+def test_jpeg_roundtrip_defaults_to_the_references_quality_75():
+    """The reference saves with `pil.save(path.jpg)`: PIL's default quality, 75."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from safediff.rewards.jpeg import REFERENCE_QUALITY, jpeg_roundtrip
+
+    x = images(b=2, h=16, w=16, seed=5)
+    # truncation to uint8, as the reference
+    arrays = (x.numpy().transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    want = []
+    for arr in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG")  # no quality given: PIL's default
+        back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32)
+        want.append(torch.from_numpy(back.transpose(2, 0, 1) / 255.0))
+    assert REFERENCE_QUALITY == 75
+    torch.testing.assert_close(jpeg_roundtrip(x), torch.stack(want), rtol=0, atol=0)
+    assert not torch.equal(jpeg_roundtrip(x, quality=95), jpeg_roundtrip(x))

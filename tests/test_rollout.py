@@ -215,28 +215,57 @@ def test_predict_noise_cfg_formula(model: T2IModel, embeds) -> None:
     assert torch.equal(plain, c)
 
 
-def test_shared_noise_shares_x_T_within_a_batch(model: T2IModel, embeds) -> None:
-    traj = run(model, embeds, batch_size=3, shared_noise=True)
-    xT = traj.latents[:, 0]
-    first_of_batch = [gens()[i] for i in (0, 3)]
-    expected = [torch.randn(LATENT, generator=g) for g in first_of_batch]
-    for i in range(N):
-        assert torch.equal(xT[i], expected[i // 3])
-    assert not torch.equal(xT[0], xT[3])
-    # later noise is shared too: same prompt + shared noise -> same trajectory
+def test_initial_noise_shares_x_T_and_leaves_step_noise_per_sample(model: T2IModel, embeds):
+    """The reference's shared noise: one x_T for every trajectory, each step's noise still the
+    sample's own (the old quirk shared every z too, so one prompt's K samples were identical)."""
     cond, uncond = embeds
-    same = rollout(
+    x_T = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(99))
+    same_prompt = cond[:1].expand(N, L, D)
+    traj = rollout(
         model,
-        cond[:1].expand(2, L, D),
+        same_prompt,
         uncond,
-        gens(n=2),
+        gens(),
         num_steps=STEPS,
         eta=1.0,
         guidance_scale=5.0,
-        batch_size=2,
-        shared_noise=True,
+        batch_size=4,
+        initial_noise=x_T,
     )
-    torch.testing.assert_close(same.latents[0], same.latents[1], rtol=1e-5, atol=1e-5)
+    for i in range(N):  # one x_T, whatever the batch
+        assert torch.equal(traj.latents[i, 0], x_T[0])
+    for i in range(1, N):  # same prompt, same x_T: only the per-sample step noise tells them apart
+        assert not torch.allclose(traj.latents[i, 1], traj.latents[0, 1])
+        assert not torch.allclose(traj.latents[i, -1], traj.latents[0, -1])
+    # batch size is still only a memory knob
+    one_by_one = rollout(
+        model,
+        same_prompt,
+        uncond,
+        gens(),
+        num_steps=STEPS,
+        eta=1.0,
+        guidance_scale=5.0,
+        batch_size=1,
+        initial_noise=x_T,
+    )
+    torch.testing.assert_close(one_by_one.latents, traj.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_initial_noise_leaves_each_samples_step_noise_unchanged(model: T2IModel, embeds):
+    """Each generator still draws its x_T first: given a rollout's own x_T per sample, the same
+    generators reproduce that rollout exactly, so the option changes x_T and nothing else."""
+    plain = run(model, embeds, batch_size=3)
+    again = run(model, embeds, batch_size=3, initial_noise=plain.latents[:, 0].clone())
+    assert torch.equal(again.latents, plain.latents)
+    assert torch.equal(again.log_probs, plain.log_probs)
+
+
+def test_initial_noise_of_the_wrong_shape_is_refused(model: T2IModel, embeds) -> None:
+    with pytest.raises(SafediffError, match="initial_noise has shape"):
+        run(model, embeds, batch_size=3, initial_noise=torch.zeros(2, *LATENT))
+    with pytest.raises(SafediffError, match="initial_noise has shape"):
+        run(model, embeds, batch_size=3, initial_noise=torch.zeros(1, 3, 8, 8))
 
 
 def test_eta_zero_is_deterministic_ddim(model: T2IModel, embeds) -> None:

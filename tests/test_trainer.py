@@ -676,3 +676,76 @@ def test_rewards_are_logged_per_prompt_kind(tiny_overrides, tmp_path, caplog):
         ) / 8
         assert weighted == pytest.approx(metrics["reward_mean/all"], rel=1e-6)
     assert "reward[all]=" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's switches: shared x_T, prompt passes, unbiased std
+
+
+def test_shared_noise_is_one_x_T_per_epoch_and_process_with_per_sample_step_noise(tiny_overrides):
+    from safediff.seeding import derive_seed, generator
+
+    trainer, model, _ = make_trainer([*tiny_overrides, "sampling.shared_noise=true"])
+    traj, prompts, _, _ = trainer.rollout_epoch(0)
+    x_T = torch.randn(
+        (1, *model.latent_shape), generator=generator(derive_seed(0, "shared_x_T", 0, 0))
+    )
+    assert all(torch.equal(traj.latents[i, 0], x_T[0]) for i in range(len(prompts)))
+    k = trainer.cfg.grpo.group_size
+    for start in range(0, len(prompts), k):  # a group: one prompt, one x_T, different samples
+        assert len(set(prompts[start : start + k])) == 1
+        for i in range(start + 1, start + k):
+            assert not torch.allclose(traj.latents[i, 1], traj.latents[start, 1])
+    later, _, _, _ = trainer.rollout_epoch(1)
+    assert not torch.equal(later.latents[0, 0], traj.latents[0, 0])  # a new x_T every epoch
+    # the second process of two (as accelerate would set it up) draws its own x_T
+    trainer.world, trainer.rank, trainer.total_samples = 2, 1, 2 * trainer.total_samples
+    other, _, _, _ = trainer.rollout_epoch(0)
+    x_T_1 = torch.randn(
+        (1, *model.latent_shape), generator=generator(derive_seed(0, "shared_x_T", 0, 1))
+    )
+    assert torch.equal(other.latents[0, 0], x_T_1[0]) and not torch.equal(x_T_1, x_T)
+
+
+def test_a_grpo_epoch_with_shared_noise_has_groups_with_reward_spread(tiny_overrides):
+    """The old quirk shared every step's noise too: one prompt's K samples were the same image,
+    every group had zero spread and nothing trained."""
+    trainer, _, _ = make_trainer([*tiny_overrides, "sampling.shared_noise=true"])
+    metrics = trainer.run_epoch(0)
+    k = trainer.cfg.grpo.group_size
+    spread = trainer.last_rewards.view(-1, k).std(dim=1)
+    assert metrics["groups/zero_spread_skipped"] == 0 and bool((spread > 0).all())
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+
+
+def test_prompts_order_pass_draws_each_prompt_once_per_pass(tiny_overrides):
+    trainer, _, _ = make_trainer([*tiny_overrides, "prompts.order=pass"])
+    k, n = trainer.cfg.grpo.group_size, len(trainer.prompts)
+    per_epoch = trainer.total_samples // k
+    epochs = n // per_epoch
+    drawn = [trainer.sample_prompt_indices(e)[::k] for e in range(epochs)]
+    assert sorted(i for ids in drawn for i in ids) == list(range(n))
+    for e in range(epochs):  # every sample of a group has the group's prompt
+        ids = trainer.sample_prompt_indices(e)
+        assert all(ids[g] == ids[g - g % k] for g in range(len(ids)))
+    assert trainer.sample_prompt_indices(epochs)[::k] != drawn[0]  # a new permutation
+
+
+def test_prompts_order_pass_needs_enough_prompts_and_no_stratify(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "prompts.order=pass"])
+    model = load_t2i_model(cfg.model, device="cpu")
+    with pytest.raises(SafediffError, match="prompts.order=pass needs at least one epoch's 2"):
+        GRPOTrainer(cfg, model, BrightnessReward(), ["only one prompt"], Accelerator(cpu=True))
+    with pytest.raises(SafediffError, match="prompts.stratify=none"):
+        load_config(None, [*tiny_overrides, "prompts.order=pass", "prompts.stratify=kind"])
+
+
+def test_adv_std_unbiased_is_passed_to_the_advantages(tiny_overrides):
+    from safediff.rl.grpo import group_advantages
+
+    trainer, _, _ = make_trainer([*tiny_overrides, "grpo.adv_std=unbiased"])
+    trainer.run_epoch(0)
+    ids = torch.arange(trainer.total_samples) // trainer.cfg.grpo.group_size
+    args = {"eps": trainer.cfg.grpo.adv_eps, "clip": trainer.cfg.grpo.adv_clip}
+    want = group_advantages(trainer.last_rewards, ids, std="unbiased", **args).advantages
+    torch.testing.assert_close(trainer.last_advantages, want)

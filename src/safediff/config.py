@@ -30,7 +30,9 @@ from typing import Any
 import yaml
 
 from safediff.errors import SafediffError
-from safediff.rl.lr_schedule import LR_SCHEDULES
+
+LR_SCHEDULES = ("constant", "linear")
+"""`optim.lr_schedule` values; `safediff.rl.lr_schedule.epoch_lr` implements them."""
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +210,11 @@ class SamplingConfig:
     shared_noise: bool = field(
         default=False,
         metadata=doc(
-            "Reference quirk: one noise tensor shared by every sample of a rollout batch."
+            "The SafeDiffusion-R1 reference's initial noise: in training, every trajectory a "
+            "process samples in an epoch starts from one x_T, drawn from (run.seed, epoch, rank); "
+            "each step's noise stays per sample, so the K samples of a prompt still differ. Off: "
+            "each sample draws its own x_T from (run.seed, epoch, sample), so results do not "
+            "depend on the number of processes and a group's samples start apart."
         ),
     )
 
@@ -235,7 +241,23 @@ class GRPOConfig:
         default=2.5, metadata=doc("A_max: advantages are clipped to [-A_max, A_max].", bounds="> 0")
     )
     adv_eps: float = field(
-        default=1e-4, metadata=doc("Added to the std before dividing.", bounds=">= 0")
+        default=1e-4,
+        metadata=doc(
+            "Added to the std before dividing (the reference: 1e-8). 1e-4 keeps a group whose "
+            "rewards barely differ (std well under 1e-4) from being blown up to unit-spread "
+            "advantages.",
+            bounds=">= 0",
+        ),
+    )
+    adv_std: str = field(
+        default="population",
+        metadata=doc(
+            "The group std advantages are divided by: 'population' (divide by K: every group's "
+            "advantages have unit root-mean-square before clipping) or 'unbiased' (divide by "
+            "K - 1: torch's default, which the reference uses; at K = 16 advantages are about 3% "
+            "smaller).",
+            choices=("population", "unbiased"),
+        ),
     )
     adv_scale: str = field(
         default="group",
@@ -303,7 +325,11 @@ class GRPOConfig:
     )
     train_last_step: bool = field(
         default=True,
-        metadata=doc("Reference quirk when false: the last denoising step is never trained."),
+        metadata=doc(
+            "Train the last denoising step too. The reference never does (false): it trains 49 of "
+            "50 steps. It has a log-prob like every other stochastic step (deterministic steps are "
+            "never trained, see min_step_std), so safediff trains it."
+        ),
     )
     min_step_std: float = field(
         default=0.0,
@@ -327,14 +353,37 @@ class GRPOConfig:
     inner_epochs: int = field(
         default=1, metadata=doc("Passes over each epoch's stored trajectories.", bounds=">= 1")
     )
+    batching: str = field(
+        default="transitions",
+        metadata=doc(
+            "How an inner epoch's transitions (sample, timestep) become backward passes and "
+            "optimizer steps. 'transitions' (safediff's): the process's trained transitions, "
+            "shuffled across samples and timesteps, in micro-batches of micro_batch transitions "
+            "per backward pass; grad_accum micro-batches make an optimizer step, so one step's "
+            "gradient averages over many prompts' samples and timesteps. 'samples' (the "
+            "reference's): the process's samples in order, in micro-batches of micro_batch "
+            "consecutive samples (one prompt's when micro_batch divides group_size); a micro-batch "
+            "backpropagates one trained timestep of each of its samples at a time (micro_batch "
+            "transitions per backward pass, each sample in its own random timestep order) over all "
+            "its trained timesteps, and grad_accum such micro-batches make an optimizer step (the "
+            "reference: 4 samples, 49 backward passes, one micro-batch per step: 16 steps per "
+            "epoch of 64 samples).",
+            choices=("transitions", "samples"),
+        ),
+    )
     micro_batch: int = field(
         default=8,
-        metadata=doc("Transitions (sample, timestep) per forward/backward pass.", bounds=">= 1"),
+        metadata=doc(
+            "Transitions (sample, timestep) per forward/backward pass: with batching 'samples' "
+            "the number of samples of a micro-batch, each contributing one transition per pass.",
+            bounds=">= 1",
+        ),
     )
     grad_accum: int = field(
         default=0,
         metadata=doc(
-            "Micro-batches per optimizer step; 0 = one optimizer step per inner epoch.",
+            "Micro-batches per optimizer step (with batching 'samples' a micro-batch holds all "
+            "the trained timesteps of its samples); 0 = one optimizer step per inner epoch.",
             bounds=">= 0",
         ),
     )
@@ -449,6 +498,20 @@ class PromptsConfig:
             "with a warning.",
             choices=STRATIFY_CHOICES,
             experimental=True,
+        ),
+    )
+    order: str = field(
+        default="random",
+        metadata=doc(
+            "'random': each epoch draws its groups' prompts with replacement (as `stratify` says), "
+            "from a generator seeded by (run.seed, epoch), whatever the list's length. 'pass': the "
+            "reference's sampler (a DistributedSampler shuffled once, never re-shuffled): the "
+            "epochs walk through one permutation of the list drawn from run.seed, each prompt "
+            "drawn once per pass; the leftover prompts of a pass (fewer than one epoch's groups) "
+            "are skipped and the next pass draws a new permutation (the reference's run would "
+            "stop there instead). Needs stratify 'none' and at least one epoch's groups of "
+            "prompts.",
+            choices=("random", "pass"),
         ),
     )
 
@@ -609,6 +672,11 @@ def validate(cfg: TrainConfig) -> None:
             f"{reward!r} has none: use grpo.pg_scope=all",
         ),
         (cfg.prompts.file.strip() != "", "prompts.file must not be empty"),
+        (
+            not (cfg.prompts.order == "pass" and cfg.prompts.stratify != "none"),
+            f"prompts.order 'pass' walks through the list once and does not stratify; use "
+            f"prompts.stratify=none (got {cfg.prompts.stratify!r}) or prompts.order=random",
+        ),
     ]
     for ok, message in checks:
         if not ok:

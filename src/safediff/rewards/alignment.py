@@ -18,7 +18,7 @@ from safediff.rewards.encoders.base import (
     autocast_context,
     encode_images_chunked,
 )
-from safediff.rewards.jpeg import prepare_reward_images
+from safediff.rewards.jpeg import REFERENCE_QUALITY, prepare_reward_images
 
 
 class AlignmentReward:
@@ -39,7 +39,7 @@ class AlignmentReward:
         encoder: ImageTextEncoder,
         scale: float = 1.0,
         jpeg_parity: bool = False,
-        jpeg_quality: int = 95,
+        jpeg_quality: int = REFERENCE_QUALITY,
         jpeg_resize: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,

@@ -22,6 +22,7 @@ from safediff.rewards.alignment import AlignmentReward
 from safediff.rewards.anchors import AnchorSet, load_anchor_set
 from safediff.rewards.encoders import load_encoder
 from safediff.rewards.encoders.base import ImageTextEncoder, is_finite_number, parse_dtype
+from safediff.rewards.jpeg import REFERENCE_QUALITY
 from safediff.rewards.steering_reward import SteeringReward
 from safediff.rewards.unsafe_penalty import UnsafePenaltyReward
 from safediff.rewards.weighted import WeightedReward
@@ -64,7 +65,7 @@ def build_steering_reward(
     threshold: float = 0.0,
     temperature: float = 0.05,
     jpeg_parity: bool = False,
-    jpeg_quality: int = 95,
+    jpeg_quality: int = REFERENCE_QUALITY,
     jpeg_resize: int | None = None,
     dtype: str = "float32",
     precision: str | None = None,
@@ -100,7 +101,7 @@ def build_alignment_reward(
     encoder: str | ImageTextEncoder,
     scale: float = 1.0,
     jpeg_parity: bool = False,
-    jpeg_quality: int = 95,
+    jpeg_quality: int = REFERENCE_QUALITY,
     jpeg_resize: int | None = None,
     dtype: str = "float32",
     precision: str | None = None,

@@ -3,9 +3,11 @@
 SafeDiffusion-R1's training loop turns every generated image into a PIL image
 (`(x * 255).astype(uint8)`: truncation, not rounding), saves it as a .jpg and reads it back
 before the reward model sees it. `jpeg_roundtrip` reproduces that in memory so a reward can be
-compared number for number with the reference. Departures you can switch: the reference saves
-with PIL's default JPEG quality (75) after resizing to 512 x 512 (PIL's default bicubic); the
-safediff default is quality 95 and no resize, as the project's parity switch specifies.
+compared number for number with the reference: by default at the reference's quality, PIL's
+default JPEG quality 75 (`REFERENCE_QUALITY`); the reference also resizes every image to 512 x 512
+(PIL's default bicubic; `REFERENCE_RESIZE`, a no-op for SD 1.5's 512 px images) before saving,
+which `resize_to` does. The round-trip is a parity path only: safediff's rewards score the decoded
+images directly unless asked (`jpeg_parity`).
 """
 
 import io
@@ -17,16 +19,22 @@ from PIL import Image
 
 from safediff.errors import SafediffError
 
+REFERENCE_QUALITY = 75
+"""The JPEG quality of the reference's round-trip: PIL's default (its `pil.save(path.jpg)`)."""
+
+REFERENCE_RESIZE = 512
+"""The side the reference resizes every image to before saving it (`pil.resize((512, 512))`)."""
+
 
 def jpeg_roundtrip(
     images: torch.Tensor,
-    quality: int = 95,
+    quality: int = REFERENCE_QUALITY,
     resize_to: int | None = None,
     truncate: bool = True,
 ) -> torch.Tensor:
     """images [B, 3, H, W] float in [0, 1] -> the same after tensor -> PIL -> JPEG -> tensor.
 
-    quality: JPEG quality (1-95 is PIL's useful range).
+    quality: JPEG quality (1-95 is PIL's useful range); default the reference's 75.
     resize_to: resize each PIL image to S x S (PIL bicubic) before encoding, as the reference
         does with 512; None keeps the size.
     truncate: uint8 by truncation (the reference's astype) rather than rounding.

@@ -34,7 +34,7 @@ from safediff.rewards.encoders.base import (
     autocast_context,
     encode_images_chunked,
 )
-from safediff.rewards.jpeg import prepare_reward_images
+from safediff.rewards.jpeg import REFERENCE_QUALITY, prepare_reward_images
 from safediff.rewards.steering import (
     GATING_MODES,
     STEER_MODES,
@@ -73,7 +73,7 @@ class SteeringReward:
         threshold: float = 0.0,
         temperature: float = 0.05,
         jpeg_parity: bool = False,
-        jpeg_quality: int = 95,
+        jpeg_quality: int = REFERENCE_QUALITY,
         jpeg_resize: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,

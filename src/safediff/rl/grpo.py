@@ -7,13 +7,16 @@
 - `summarize_rewards`: reward mean / std per prompt kind for logging.
 
 Departures from the textbook GRPO (Shao et al., 2024), each deliberate:
-- the group std is the *population* std (divide by K, not K - 1), as the SafeDiffusion-R1 reference
-  computes it with `numpy.std`; `eps` is added to the std, not to the variance;
+- the group std is by default the *population* std (divide by K), so every group's advantages have
+  unit root-mean-square before clipping; `std="unbiased"` divides by K - 1 instead, as the
+  SafeDiffusion-R1 reference does (torch's `Tensor.std()`, with eps 1e-8): at K = 16 its advantages
+  are sqrt(15/16), about 3%, smaller. `eps` is added to the std, not to the variance;
 - advantages are clipped to [-clip, clip] (the reference's A_max = 2.5);
 - optionally (`scale="pooled"`), one std pooled over the batch's groups replaces each group's own,
   so groups whose rewards differ only by noise do not get full-size advantages;
 - a group whose rewards have zero spread carries no signal and is skipped (advantage 0, marked
-  invalid) rather than given a 0 / eps advantage; a group with any NaN/inf reward is skipped whole.
+  invalid) rather than given a 0 / eps advantage (the reference divides every group by its
+  std + 1e-8, whatever the spread); a group with any NaN/inf reward is skipped whole.
 
 All functions are device-agnostic: they return tensors on their inputs' device.
 """
@@ -28,6 +31,7 @@ import torch
 ZERO_SPREAD_TOL = 1e-12
 
 ADVANTAGE_SCALES = ("group", "pooled")
+ADVANTAGE_STDS = ("population", "unbiased")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ def group_advantages(
     eps: float,
     clip: float,
     scale: str = "group",
+    std: str = "population",
 ) -> AdvantageResult:
     """Group-normalised advantages A = clip((r - mean_g) / (s + eps), -clip, clip).
 
@@ -72,9 +77,11 @@ def group_advantages(
         advantages, one whose rewards differ by a lot gets large ones. Advantages still have
         mean 0 in every group and unit mean square over the batch (before clipping).
 
-    std_g is the population std (unbiased=False, divide by the group size K): the reference
-    implementation uses `numpy.std`, whose default is the population std, and matching it keeps
-    advantages (and hence the effective learning rate and A_max clipping) comparable with the paper.
+    std: 'population' (divide the squared deviations by the group size K: advantages of unit
+        root-mean-square in every group) or 'unbiased' (divide by K - 1, torch's default and the
+        SafeDiffusion-R1 reference's `group_rewards.std() + 1e-8`). With scale 'pooled' the
+        pooled sum of squares is divided by N_valid or by N_valid - G_valid (one degree of
+        freedom per valid group) accordingly.
 
     Statistics are computed in float64 (two-pass: mean, then squared deviations) and the result is
     returned as float32 on `rewards.device`.
@@ -90,6 +97,8 @@ def group_advantages(
         raise ValueError(f"need eps >= 0 and clip > 0; got eps={eps}, clip={clip}")
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}; got {scale!r}")
+    if std not in ADVANTAGE_STDS:
+        raise ValueError(f"std must be one of {ADVANTAGE_STDS}; got {std!r}")
 
     device = rewards.device
     n = rewards.shape[0]
@@ -114,7 +123,8 @@ def group_advantages(
     n_bad = group_sum((~finite).to(torch.float64))  # [G]
     mean = group_sum(r0) / count  # [G]
     dev = r0 - mean[inverse]  # [N]
-    std = (group_sum(dev * dev) / count).sqrt()  # [G], population std
+    dof = count if std == "population" else (count - 1).clamp(min=1)  # [G]
+    group_std = (group_sum(dev * dev) / dof).sqrt()  # [G]
 
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
     r_max = torch.full((n_groups,), -inf, dtype=torch.float64, device=device)
@@ -123,14 +133,16 @@ def group_advantages(
     r_min = r_min.scatter_reduce(0, inverse, r0, reduce="amin")
 
     nan_group = n_bad > 0  # [G]
-    zero_spread = ~nan_group & ((std == 0) | (r_max - r_min <= ZERO_SPREAD_TOL))  # [G]
+    zero_spread = ~nan_group & ((group_std == 0) | (r_max - r_min <= ZERO_SPREAD_TOL))  # [G]
     group_valid = ~nan_group & ~zero_spread  # [G]
 
     valid = group_valid[inverse]  # [N]
     if scale == "group":
-        denom = std[inverse]  # [N]
+        denom = group_std[inverse]  # [N]
     else:  # pooled within-group std over the valid groups' samples
         n_valid = valid.sum()
+        if std == "unbiased":
+            n_valid = n_valid - group_valid.sum()
         sq = torch.where(valid, dev * dev, torch.zeros_like(dev)).sum()
         denom = (sq / n_valid.clamp(min=1)).sqrt()  # scalar
     adv = (dev / (denom + eps)).clamp(-clip, clip)  # [N]

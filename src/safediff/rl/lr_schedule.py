@@ -4,7 +4,7 @@ The rate is set once per epoch (every optimizer step of an epoch uses it), so it
 (epoch, run.epochs) and a resumed run needs no scheduler state.
 """
 
-LR_SCHEDULES = ("constant", "linear")
+from safediff.config import LR_SCHEDULES
 
 
 def epoch_lr(lr: float, lr_final: float, schedule: str, epoch: int, epochs: int) -> float:

@@ -413,7 +413,7 @@ def rollout(
     eta: float,
     guidance_scale: float,
     batch_size: int,
-    shared_noise: bool = False,
+    initial_noise: Tensor | None = None,
     reduction: str = "mean",
     decode: bool = True,
     progress: bool = False,
@@ -433,12 +433,13 @@ def rollout(
         num_steps: S, DDIM steps.
         eta: DDIM stochasticity (training needs eta > 0; at eta == 0 log_probs are zeros).
         guidance_scale: CFG scale; 1.0 (or negative_embeds None) turns CFG off.
-        batch_size: samples per UNet call (a memory knob: the result does not depend on it, unless
-            shared_noise is set).
-        shared_noise: the reference implementation's quirk: every sample in a batch of
-            `batch_size` uses the noise (x_T and every z) drawn from the batch's *first* generator,
-            so the samples of a batch differ only through their prompts; the other generators are
-            not used. Results then depend on batch_size. Off by default.
+        batch_size: samples per UNet call (a memory knob: the result does not depend on it).
+        initial_noise: [1, C, h, w] (shared by every sample) or [N, C, h, w], x_T to start from
+            instead of each sample's own draw; None: each sample draws its x_T. Each generator
+            still draws its x_T (then unused) before its step noise, so the step noise, which
+            stays per sample, is the same with or without it. The SafeDiffusion-R1 reference
+            starts every trajectory of a process's epoch from one x_T (the trainer's
+            `sampling.shared_noise`).
         reduction: "mean" (the reference's) or "sum" log-prob, see `ddim_step_with_logprob`.
         decode: decode x_0 to images with `model.decode` (in batches of batch_size).
         progress: show a tqdm progress bar over batches x steps.
@@ -463,6 +464,16 @@ def rollout(
             )
     if batch_size < 1:
         raise SafediffError(f"batch_size must be >= 1, got {batch_size}")
+    shape = tuple(model.latent_shape)
+    if initial_noise is not None and (
+        initial_noise.ndim != len(shape) + 1
+        or tuple(initial_noise.shape[1:]) != shape
+        or initial_noise.shape[0] not in (1, n)
+    ):
+        raise SafediffError(
+            f"initial_noise has shape {tuple(initial_noise.shape)}; expected [1, {', '.join(map(str, shape))}] "
+            f"(one x_T for every sample) or [{n}, ...] (one per sample)"
+        )
     if negative_embeds is not None and negative_embeds.shape[0] not in (1, n):
         raise SafediffError(
             f"negative_embeds has batch {negative_embeds.shape[0]}; expected 1 or {n} (one per prompt)"
@@ -472,7 +483,6 @@ def rollout(
     schedule = model.schedule
     timesteps, prev_timesteps = schedule.timesteps(num_steps)
     timesteps, prev_timesteps = timesteps.to(device), prev_timesteps.to(device)
-    shape = tuple(model.latent_shape)
 
     latents = torch.empty((n, num_steps + 1, *shape), dtype=torch.float32, device=device)
     log_probs = torch.empty((n, num_steps), dtype=torch.float32, device=device)
@@ -498,8 +508,6 @@ def rollout(
             stop = min(start + batch_size, n)
             b = stop - start
             gens = generators[start:stop]
-            if shared_noise:  # reference quirk: the first generator's noise for the whole batch
-                gens = gens[:1]
             cond = prompt_embeds[start:stop].to(device)
             uncond = None
             if negative_embeds is not None:
@@ -510,14 +518,15 @@ def rollout(
                 )
                 uncond = uncond.to(device)
 
-            x = (
-                _draw(gens, shape, device).expand(b, *shape).contiguous()
-            )  # x_T, init_noise_sigma = 1
+            x = _draw(gens, shape, device)  # x_T, init_noise_sigma = 1
+            if initial_noise is not None:  # drawn above all the same: step noise is unchanged
+                rows = initial_noise if initial_noise.shape[0] == 1 else initial_noise[start:stop]
+                x = rows.to(device=device, dtype=torch.float32).expand(b, *shape).contiguous()
             latents[start:stop, 0] = x
             for i in range(num_steps):
                 t = timesteps[i].expand(b)
                 t_prev = prev_timesteps[i].expand(b)
-                z = _draw(gens, shape, device).expand(b, *shape)
+                z = _draw(gens, shape, device)
                 if guidance:
                     rows = [{k: v[start:stop] for k, v in st.items()} for st in states]
                     for store, st in zip(stored, rows, strict=True):

@@ -59,9 +59,8 @@ class SamplerSettings:
         )
 
     def describe(self) -> str:
-        return (
-            f"{self.num_steps} DDIM steps, eta {self.eta:g}, CFG {self.guidance_scale:g}"
-            + (f" against {self.negative_prompt!r}" if self.negative_prompt else "")
+        return f"{self.num_steps} DDIM steps, eta {self.eta:g}, CFG {self.guidance_scale:g}" + (
+            f" against {self.negative_prompt!r}" if self.negative_prompt else ""
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +93,7 @@ def sample(
     *,
     guidance_scale: float | None = None,
     defense: Mapping[str, Any] | None = None,
-    shared_noise: bool = False,
+    initial_noise: Tensor | None = None,
     reduction: str = "mean",
     decode: bool = True,
     progress: bool = False,
@@ -105,8 +104,8 @@ def sample(
     defense: what `safediff.defenses.stack.apply_defenses` returns beside the defended model:
         "negative_embeds" ([1, L, D], replaces the negative prompt's embeddings) and/or
         "guidance" (sampler hooks, `rollout`'s `guidance`). None samples undefended.
-    shared_noise, reduction, decode, progress: as in `rollout`.
-    The images do not depend on `settings.batch_size` (unless shared_noise is set).
+    initial_noise, reduction, decode, progress: as in `rollout`.
+    The images do not depend on `settings.batch_size`.
     """
     scale = settings.guidance_scale if guidance_scale is None else float(guidance_scale)
     extra = dict(defense or {})
@@ -128,7 +127,7 @@ def sample(
         eta=settings.eta,
         guidance_scale=scale,
         batch_size=settings.batch_size,
-        shared_noise=shared_noise,
+        initial_noise=initial_noise,
         reduction=reduction,
         decode=decode,
         progress=progress,
