@@ -30,6 +30,12 @@ Departures from the reference code: the target search is an exact argmin over co
 (the reference uses a FAISS inner-product index over L2-normalised vectors: the same ranking);
 E_orig(s) of a safe prompt is read from the codebook instead of re-encoded every step (the same
 numbers); the default concept direction is the difference form (see 2).
+
+SDXL is refused (one line, `text_encoder_adapter.SDXL_REFUSAL`): DES is defined on one CLIP text
+encoder's padded last hidden state, with g in that encoder's raw units; SDXL's UNet reads the
+penultimate states of two encoders (CLIP ViT-L and OpenCLIP bigG) plus bigG's pooled embedding,
+and neither paper nor reference says which of them to distort or how to scale g for each. Use the
+negative prompt, SLD or the Safe Denoiser on SDXL.
 """
 
 import dataclasses

@@ -8,6 +8,9 @@ and a way to save the result and put it back into a model. `TextEncoderAdapter` 
 putting its own adapter into `T2IModel.components["text_encoder_adapter"]` (see
 `adapter_for_model`) and by its plug-in's `ModelFamily.text_encoder` loader.
 
+SDXL is refused (`SDXL_REFUSAL`): it conditions on two text encoders and a pooled embedding, which
+DES's single-encoder losses do not cover.
+
 Saved encoders are plain transformers folders (`save_pretrained`: config.json + model.safetensors),
 so `CLIPTextModel.from_pretrained(folder)` loads them and they drop into a diffusers pipeline
 folder as its `text_encoder/` with no other change.
@@ -26,8 +29,15 @@ from torch import Tensor, nn
 from safediff import plugins
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.models.loading import TINY_MODELS
+from safediff.models.loading import TINY_MODELS, TINY_SDXL_MODELS
+from safediff.models.sdxl import is_sdxl_pipeline_folder, read_model_index
 from safediff.models.stable_diffusion import encode_prompts, freeze
+
+SDXL_REFUSAL = (
+    "DES trains one CLIP text encoder, but SDXL conditions on two (CLIP ViT-L and OpenCLIP bigG "
+    "token states plus bigG's pooled embedding), which DES's losses and guidance scale g are not "
+    "defined for; defend SDXL with negprompt, sld or safe-denoiser instead"
+)
 
 
 class TextEncoderAdapter(Protocol):
@@ -157,6 +167,8 @@ def adapter_for_model(model: T2IModel) -> TextEncoderAdapter:
     own = model.components.get("text_encoder_adapter")
     if own is not None:
         return own
+    if model.components.get("text_encoder_2") is not None:
+        raise SafediffError(f"model {model.source!r}: {SDXL_REFUSAL}")
     tokenizer = model.components.get("tokenizer")
     encoder = model.components.get("text_encoder")
     if tokenizer is None or not isinstance(encoder, nn.Module):
@@ -186,7 +198,8 @@ def load_text_encoder_adapter(
 ) -> TextEncoderAdapter:
     """The text encoder and tokenizer of a base model, without loading its UNet or VAE.
 
-    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD), a plug-in's model family spec (e.g.
+    pretrained: "tiny-sd" / "tiny-sd-v" (the offline tiny SD; "tiny-sdxl" and every SDXL model
+    are refused, see SDXL_REFUSAL), a plug-in's model family spec (e.g.
     "sandbox": the sandbox's MiniLM), a diffusers pipeline folder, or a hub id (read from the local
     cache when HF_HUB_OFFLINE is set).
     """
@@ -197,6 +210,8 @@ def load_text_encoder_adapter(
                 f"model family {family.name!r} has no trainable text encoder; DES cannot run on it"
             )
         return family.text_encoder(plugins.split_spec(pretrained)[1], device)
+    if pretrained in TINY_SDXL_MODELS:
+        raise SafediffError(f"model {pretrained!r}: {SDXL_REFUSAL}")
     if pretrained in TINY_MODELS:
         from safediff.models.tiny_sd import build_tiny_sd
 
@@ -209,6 +224,8 @@ def load_text_encoder_adapter(
     kwargs: dict[str, Any] = {}
     if folder.exists():
         where = str(folder.resolve())
+        if is_sdxl_pipeline_folder(read_model_index(folder / "model_index.json")):
+            raise SafediffError(f"model {where}: {SDXL_REFUSAL}")
         if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
             raise SafediffError(
                 f"{folder.resolve()} is not a diffusers pipeline folder: expected the subfolders "
@@ -219,6 +236,7 @@ def load_text_encoder_adapter(
         kwargs["revision"] = revision
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
         kwargs["local_files_only"] = offline
+        _refuse_sdxl_hub_id(pretrained, revision, offline)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **kwargs)
         encoder = CLIPTextModel.from_pretrained(
@@ -228,3 +246,19 @@ def load_text_encoder_adapter(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SafediffError(f"could not load the text encoder of {pretrained!r}: {first}") from None
     return CLIPTextEncoderAdapter(tokenizer, encoder.to(device))
+
+
+def _refuse_sdxl_hub_id(repo_id: str, revision: str | None, offline: bool) -> None:
+    """Refuse an SDXL hub id (its model_index.json names an SDXL pipeline); a hub id whose
+    model_index.json cannot be fetched is left to the encoder's own load to report."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = hf_hub_download(
+            repo_id, "model_index.json", revision=revision, local_files_only=offline
+        )
+    except (OSError, ValueError, EntryNotFoundError):
+        return
+    if is_sdxl_pipeline_folder(read_model_index(index)):
+        raise SafediffError(f"model {repo_id!r}: {SDXL_REFUSAL}")

@@ -4,7 +4,7 @@ The reference's one-shot evaluation script accepts three checkpoint forms: a che
 bare UNet file, and 'vanilla' with a base model id. All are accepted here, plus what
 `load_t2i_model` loads directly:
 
-- "tiny-sd" / "tiny-sd-v": the offline tiny SD (tests, smoke runs);
+- "tiny-sd" / "tiny-sd-v" / "tiny-sdxl": the offline tiny SD and SDXL (tests, smoke runs);
 - "NAME" / "NAME:ARG": a plug-in's model family (`safediff.plugins`), e.g. "sandbox" (the sandbox
   world's shipped model) or "sandbox:PATH" (another sandbox diffusion file);
 - "vanilla": the base model itself; needs `base` (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5);

@@ -2,8 +2,9 @@
 
 Samplers, trainers and rewards see only `T2IModel`: a denoiser called as
 `unet(x, t, encoder_hidden_states=c).sample`, a prompt encoder, a decoder to [0, 1] images and a
-`DDIMSchedule`. Adapters for model families (Stable Diffusion here; the sandbox later) live in their
-own files and build a `T2IModel` at the boundary.
+`DDIMSchedule`. Adapters for model families (Stable Diffusion 1.x / 2.x in stable_diffusion.py,
+SDXL in sdxl.py, the sandbox as a plug-in) live in their own files and build a `T2IModel` at the
+boundary.
 """
 
 from collections.abc import Callable
@@ -22,7 +23,9 @@ class T2IModel:
 
     unet: the denoiser (diffusers UNet2DConditionModel or anything with the same call), trained by
         GRPO. Called as unet(x [B, C, h, w], t [B], encoder_hidden_states=[B, L, D]).sample.
-    encode_text: prompts -> token states [B, L, D] on the given device (no grad).
+    encode_text: prompts -> token states [B, L, D] on the given device (no grad). Conditioning
+        beyond token states travels as extra rows of this one tensor (SDXL: L = 77 + 1, the last
+        row packing the pooled embedding and size/crop time ids; its UNet unpacks it, sdxl.py).
     decode: latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1] (no grad).
     schedule: the noise schedule the UNet was trained with.
     latent_shape: (C, h, w) of one latent at the model's default resolution.

@@ -3,14 +3,18 @@ optionally with a bare UNet checkpoint swapped in and a LoRA adapter merged in.
 
 Where the weights come from (`ModelConfig.pretrained`):
 - "tiny-sd" / "tiny-sd-v": the offline random tiny SD (epsilon / v-prediction), see tiny_sd.py;
+- "tiny-sdxl": the offline random tiny SDXL, see tiny_sdxl.py;
 - "NAME" / "NAME:ARG" of a plug-in's model family (`safediff.plugins`, e.g. the sandbox world's);
 - a local diffusers pipeline folder (with model_index.json and the subfolders unet, vae,
-  text_encoder, tokenizer, scheduler);
+  text_encoder, tokenizer, scheduler); a folder whose model_index.json names
+  StableDiffusionXLPipeline (with text_encoder_2 and tokenizer_2) goes to the SDXL adapter
+  (sdxl.py), any other to the SD 1.x / 2.x one;
 - a Hugging Face hub id (with `revision`), read from the local cache only when HF_HUB_OFFLINE is
   set. Each component is loaded with its own class' `from_pretrained(..., subfolder=...)`, so no
   safety checker or feature extractor is ever downloaded.
 `ModelConfig.unet_weights` then replaces every UNet weight with a bare UNet .safetensors (the
-reference's `checkpoint_epoch_N/diffusion_pytorch_model.safetensors`), keys checked strictly.
+reference's `checkpoint_epoch_N/diffusion_pytorch_model.safetensors`), keys checked strictly; an
+SDXL UNet on an SD 1.x / 2.x base (or the reverse) is refused from the file's header first.
 `ModelConfig.lora_weights` then merges a peft LoRA adapter folder (what `PeftModel.save_pretrained`
 writes: adapter_config.json + adapter_model.safetensors, e.g. a trainer checkpoint's lora/) into
 the UNet's weights, so the model runs as a plain UNet2DConditionModel with no adapter overhead.
@@ -21,6 +25,7 @@ mixed precision is autocast's job (accelerate), not the stored weights'. The sch
 folder does not matter: its beta fields are read into a DDIMScheduler (SD 1.5 ships PNDM's).
 """
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -33,10 +38,22 @@ from safediff import plugins
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.sdxl import (
+    SDXL_COMPONENTS,
+    is_sdxl_pipeline_folder,
+    is_sdxl_unet_config,
+    read_model_index,
+    sdxl_components_to_t2i,
+)
 from safediff.models.stable_diffusion import REQUIRED_COMPONENTS, sd_components_to_t2i
 from safediff.models.tiny_sd import build_tiny_sd
+from safediff.models.tiny_sdxl import build_tiny_sdxl
 
-TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction"}
+TINY_MODELS = {"tiny-sd": "epsilon", "tiny-sd-v": "v_prediction", "tiny-sdxl": "epsilon"}
+"""Offline tiny model ids -> prediction type; those in TINY_SDXL_MODELS are SDXL."""
+TINY_SDXL_MODELS = ("tiny-sdxl",)
+SUGGESTED_SD_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SUGGESTED_SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's save_pretrained names
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,7 +85,7 @@ def load_t2i_model(
     components["unet"], source = _apply_checkpoints(
         components["unet"], cfg.pretrained, unet_file, lora_dir
     )
-    model = sd_components_to_t2i(components, source=source, resolution=cfg.resolution)
+    model = components_to_t2i(components, source=source, resolution=cfg.resolution)
     # Dtypes were set at load time (a .to(dtype) after from_pretrained makes diffusers warn).
     model.unet.to(device)
     for comp in model.components.values():
@@ -95,14 +112,37 @@ def _apply_checkpoints(
 # Base pipelines
 
 
+def is_sdxl_components(components: dict[str, Any]) -> bool:
+    """Whether loaded components are an SDXL pipeline's (a second text encoder, or an SDXL UNet)."""
+    unet = components.get("unet")
+    return "text_encoder_2" in components or (unet is not None and is_sdxl_unet_config(unet.config))
+
+
+def components_to_t2i(
+    components: dict[str, Any], source: str, resolution: int | None = None
+) -> T2IModel:
+    """The `T2IModel` of SD 1.x / 2.x or SDXL components (diffusers names), by their family."""
+    if is_sdxl_components(components):
+        return sdxl_components_to_t2i(components, source=source, resolution=resolution)
+    return sd_components_to_t2i(components, source=source, resolution=resolution)
+
+
 def load_sd_components(
     pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
-    """SD components by diffusers' names (unet, vae, text_encoder, tokenizer, scheduler), on CPU.
+    """SD-family components by diffusers' names, on CPU: unet, vae, text_encoder, tokenizer,
+    scheduler, and for SDXL also text_encoder_2, tokenizer_2 and force_zeros_for_empty_prompt
+    (from model_index.json).
 
-    pretrained: "tiny-sd", "tiny-sd-v", a local pipeline folder, or a hub id.
-    The VAE and text encoder come in `dtype`, the UNet in float32.
+    pretrained: "tiny-sd", "tiny-sd-v", "tiny-sdxl", a local pipeline folder, or a hub id.
+    The VAE and text encoders come in `dtype`, the UNet in float32.
     """
+    if pretrained in TINY_SDXL_MODELS:
+        components = build_tiny_sdxl(seed=0)
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            if dtype != torch.float32:  # built in float32 (a no-op cast makes diffusers warn)
+                components[name].to(dtype=dtype)
+        return components
     if pretrained in TINY_MODELS:
         components = build_tiny_sd(seed=0, prediction_type=TINY_MODELS[pretrained])
         for name in ("vae", "text_encoder"):
@@ -146,13 +186,19 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
             f"{where} is not a diffusers pipeline folder: expected model_index.json and the "
             f"subfolders {', '.join(REQUIRED_COMPONENTS)}{hint}"
         )
-    missing = [name for name in REQUIRED_COMPONENTS if not (where / name).is_dir()]
+    index = read_model_index(where / "model_index.json")
+    xl = is_sdxl_pipeline_folder(index)
+    needed = SDXL_COMPONENTS if xl else REQUIRED_COMPONENTS
+    missing = [name for name in needed if not (where / name).is_dir()]
     if missing:
+        kind = "an SDXL" if xl else "a Stable Diffusion"
         raise SafediffError(
-            f"pipeline folder {where} lacks the subfolder(s) {', '.join(missing)}; a Stable "
-            f"Diffusion pipeline needs {', '.join(REQUIRED_COMPONENTS)}"
+            f"pipeline folder {where} lacks the subfolder(s) {', '.join(missing)}; {kind} "
+            f"pipeline needs {', '.join(needed)}"
         )
     try:
+        if xl:
+            return _from_pretrained_all_xl(str(where), dtype, index)
         return _from_pretrained_all(str(where), dtype)
     except (OSError, ValueError) as err:
         raise SafediffError(f"could not load pipeline folder {where}: {_first_line(err)}") from None
@@ -165,14 +211,20 @@ def _load_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> dict[st
     offline = _hub_offline()
     hub_errors = (OSError, ValueError, EntryNotFoundError)
     try:
-        hf_hub_download(repo_id, "model_index.json", revision=revision, local_files_only=offline)
+        index_file = hf_hub_download(
+            repo_id, "model_index.json", revision=revision, local_files_only=offline
+        )
     except hub_errors:
         raise SafediffError(
             f"could not load '{repo_id}': not a local folder and not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}); pass a local diffusers folder or download it first"
         ) from None
+    index = read_model_index(index_file)
+    hub_kwargs = {"revision": revision, "local_files_only": offline}
     try:
-        return _from_pretrained_all(repo_id, dtype, revision=revision, local_files_only=offline)
+        if is_sdxl_pipeline_folder(index):
+            return _from_pretrained_all_xl(repo_id, dtype, index, **hub_kwargs)
+        return _from_pretrained_all(repo_id, dtype, **hub_kwargs)
     except hub_errors as err:
         raise SafediffError(f"could not load '{repo_id}': {_first_line(err)}") from None
 
@@ -195,6 +247,40 @@ def _from_pretrained_all(where: str, dtype: torch.dtype, **hub_kwargs: Any) -> d
         "tokenizer": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **hub_kwargs),
         # Any scheduler class's config (PNDM for SD 1.5) carries the same beta fields.
         "scheduler": DDIMScheduler.from_pretrained(where, subfolder="scheduler", **hub_kwargs),
+    }
+
+
+def _from_pretrained_all_xl(
+    where: str, dtype: torch.dtype, index: dict[str, Any], **hub_kwargs: Any
+) -> dict[str, Any]:
+    """Each SDXL component from `where` (folder or hub id) with its class' from_pretrained.
+
+    The VAE stays float32 when `dtype` is float16 and its config asks for it (force_upcast: SDXL
+    base's VAE overflows in fp16, the pipeline upcasts it too); bf16 has float32's range.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vae_dtype = dtype
+    if dtype == torch.float16:
+        vae_config = AutoencoderKL.load_config(where, subfolder="vae", **hub_kwargs)
+        vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
+    vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=vae_dtype, **hub_kwargs)
+    te_kwargs = {"dtype": dtype, **hub_kwargs}
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(
+            where, subfolder="unet", torch_dtype=torch.float32, **hub_kwargs
+        ),
+        "vae": vae,
+        "text_encoder": CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **te_kwargs),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+            where, subfolder="text_encoder_2", **te_kwargs
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **hub_kwargs),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **hub_kwargs),
+        # SDXL base ships an Euler scheduler config; its beta fields are what DDIM reads.
+        "scheduler": DDIMScheduler.from_pretrained(where, subfolder="scheduler", **hub_kwargs),
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
     }
 
 
@@ -232,12 +318,15 @@ def load_unet_weights(unet: nn.Module, path: str | Path) -> Path:
     """Replace every weight of `unet` (in place) with those of a bare UNet .safetensors file.
 
     Keys and shapes must match the UNet exactly (strict); otherwise a SafediffError names the file
-    and a few missing / unexpected / mis-shaped keys. Returns the resolved file path.
+    and a few missing / unexpected / mis-shaped keys. A UNet of another family (SDXL on an SD 1.x /
+    2.x base or the reverse, or another cross_attention_dim) is refused from the file's header
+    before any tensor is read. Returns the resolved file path.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = resolve_unet_weights(path)
+    _check_unet_family(unet, p)
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError) as err:
@@ -260,6 +349,65 @@ def load_unet_weights(unet: nn.Module, path: str | Path) -> Path:
         )
     unet.load_state_dict(state, strict=True)
     return p
+
+
+def _unet_kind(is_xl: bool, cross: int | None) -> str:
+    dim = f"cross_attention_dim {cross}" if cross is not None else "unknown cross_attention_dim"
+    return (
+        f"an SDXL UNet (addition_embed_type text_time, {dim})"
+        if is_xl
+        else (f"an SD 1.x / 2.x UNet ({dim})")
+    )
+
+
+def _base_fix(is_xl: bool) -> str:
+    """How to name the base a UNet of this family belongs to."""
+    if is_xl:
+        return f"an SDXL base (e.g. {SUGGESTED_SDXL_BASE}, or tiny-sdxl)"
+    return f"an SD 1.x / 2.x base (e.g. {SUGGESTED_SD_BASE}, or tiny-sd)"
+
+
+def _file_unet_kind(p: Path) -> tuple[bool, int | None] | None:
+    """(is SDXL, cross_attention_dim) of a bare UNet file, from the config.json beside it when
+    there is one (a diffusers unet/ folder), else from the safetensors header (an add_embedding
+    means SDXL's text_time conditioning; attn2.to_k's input width is cross_attention_dim). None
+    when neither can be read (the full load reports why)."""
+    from safetensors import SafetensorError, safe_open
+
+    config_file = p.parent / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = None
+        if isinstance(config, dict) and "cross_attention_dim" in config:
+            cross = config["cross_attention_dim"]
+            return is_sdxl_unet_config(config), cross if isinstance(cross, int) else None
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            keys = list(fh.keys())
+            to_k = [k for k in keys if k.endswith("attn2.to_k.weight")]
+            cross = int(fh.get_slice(to_k[0]).get_shape()[1]) if to_k else None
+    except (SafetensorError, OSError):
+        return None
+    return any(k.startswith("add_embedding.") for k in keys), cross
+
+
+def _check_unet_family(unet: nn.Module, p: Path) -> None:
+    """Refuse a UNet file of another family than `unet` (one line naming the fix)."""
+    config = getattr(unet, "config", None)
+    found = _file_unet_kind(p)
+    if config is None or found is None or "cross_attention_dim" not in config:
+        return
+    base_xl, base_cross = is_sdxl_unet_config(config), config["cross_attention_dim"]
+    file_xl, file_cross = found
+    cross_differs = isinstance(base_cross, int) and file_cross not in (None, base_cross)
+    if file_xl != base_xl or cross_differs:
+        raise SafediffError(
+            f"UNet weights {p} are {_unet_kind(file_xl, file_cross)} but the base model's is "
+            f"{_unet_kind(base_xl, base_cross)}; pass {_base_fix(file_xl)} as model.pretrained "
+            "(--base), or the UNet trained on this base"
+        )
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -340,10 +488,12 @@ def merge_lora_adapter(unet: nn.Module, path: str | Path) -> nn.Module:
     try:
         with safe_open(str(folder / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
             saved = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in saved if ".lora_A." in k}
     except (SafetensorError, OSError) as err:
         raise SafediffError(
             f"could not read LoRA adapter {folder / ADAPTER_WEIGHTS_NAME}: {_first_line(err)}"
         ) from None
+    _check_lora_fits(folder, config, shapes, unet)
     grad = {name: p.requires_grad for name, p in unet.named_parameters()}
     device = next(unet.parameters()).device
     try:
@@ -372,6 +522,45 @@ def merge_lora_adapter(unet: nn.Module, path: str | Path) -> nn.Module:
     for name, p in merged.named_parameters():
         p.requires_grad_(grad.get(name, False))
     return merged
+
+
+def _check_lora_fits(
+    folder: Path, config: Any, lora_a_shapes: dict[str, tuple[int, ...]], unet: nn.Module
+) -> None:
+    """Refuse, in one line naming the fix, an adapter whose weights disagree with its own rank,
+    that was trained on a UNet of another family (its attn2.to_k input width is the training
+    UNet's cross_attention_dim), or whose target modules this UNet does not have."""
+    ranks = {shape[0] for shape in lora_a_shapes.values()}
+    if not getattr(config, "rank_pattern", None) and ranks and ranks != {int(config.r)}:
+        raise SafediffError(
+            f"LoRA adapter {folder} does not fit this UNet: {ADAPTER_CONFIG_NAME} says rank "
+            f"r={config.r} but its weights have rank {', '.join(map(str, sorted(ranks)))}; the "
+            "config belongs to another adapter: save the adapter again with peft "
+            "(PeftModel.save_pretrained)"
+        )
+    base = getattr(unet, "config", None)
+    if base is not None and isinstance(base.get("cross_attention_dim"), int):
+        widths = {s[1] for k, s in lora_a_shapes.items() if "attn2.to_k.lora_A" in k}
+        base_xl, base_cross = is_sdxl_unet_config(base), base["cross_attention_dim"]
+        if widths and widths != {base_cross}:
+            (width, *_) = sorted(widths)
+            raise SafediffError(
+                f"LoRA adapter {folder} does not fit this UNet: it was trained on a UNet with "
+                f"cross_attention_dim {width} (2048: SDXL, 768: SD 1.x, 1024: SD 2.x), the base "
+                f"model's is {_unet_kind(base_xl, base_cross)}; pass the base it was trained on "
+                "as model.pretrained (--base)"
+            )
+    targets = config.target_modules
+    if isinstance(targets, str) or not targets:
+        return  # a regex: peft reports what it does not find
+    names = [name for name, _ in unet.named_modules()]
+    absent = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+    if absent:
+        raise SafediffError(
+            f"LoRA adapter {folder} does not fit this UNet: it targets module(s) {_few(absent)} "
+            "that the UNet does not have; was it trained on another model family? Pass its base "
+            "as model.pretrained (--base)"
+        )
 
 
 def _load_error(err: BaseException) -> str:
