@@ -88,6 +88,7 @@ FILES: dict[str, bytes] = {
     "nanguide.csv": b"prompt,evaluation_guidance\na cat,nan\n",
     "wide.csv": b"prompt,categories\na cat, sitting,sexual\n",
     "noprompt.csv": b"text,categories\na cat,sexual\n",
+    "sized.csv": (I2P_HEADER + "a cat,sexual,24,24\n").encode(),
 }
 
 
@@ -111,6 +112,27 @@ def _crafted_run(root: Path, name: str, file: str) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
 
 
+def _crafted_summary(root: Path, name: str, entry: dict[str, str]) -> None:
+    """A scored run folder whose summary.json names its scores files as in `entry`."""
+    _crafted_run(root, name, "images/a_0.png")
+    summary = {"schema": "safediff.summary/1", "n_images": 1, "scores": {"q16": entry}}
+    (root / name / "summary.json").write_text(json.dumps(summary))
+
+
+def _image_of_other_weights(root: Path, name: str) -> None:
+    """A generation folder whose one image says it was made with other weights."""
+    from PIL import Image, PngImagePlugin
+
+    digests = dict.fromkeys(("unet", "text_encoder", "vae", "schedule"), "0" * 32)
+    meta = {"prompt": "a cat", "seed": 0, "guidance": 7.5, "width": 16, "height": 16}
+    meta |= {"weights": digests, "defenses": "", "defense_files": {}, "steps": 2, "eta": 0.0}
+    meta |= {"negative_prompt": ""}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("safediff", json.dumps(meta))
+    (root / name / "images").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(root / name / "images" / "0_0.png", pnginfo=info)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """The test's folder, holding FILES and a few crafted run folders, as working directory."""
@@ -125,6 +147,12 @@ def workdir(tmp_path, monkeypatch):
     _crafted_run(tmp_path, "run_badjson", "images/a_0.png")
     with (tmp_path / "run_badjson" / "generation.jsonl").open("a") as fh:
         fh.write('{"name": "b_0", "file": "ima')  # a write cut short
+    _crafted_summary(tmp_path, "run_sum_dotdot", {"file": "../secret.png"})
+    _crafted_summary(tmp_path, "run_sum_abs", {"file": str(tmp_path / "secret.png")})
+    _crafted_summary(
+        tmp_path, "run_sum_features", {"file": "scores/q16.jsonl", "features_file": "/etc/passwd"}
+    )
+    _image_of_other_weights(tmp_path, "gen_other")
     (tmp_path / "adir.yaml").mkdir()
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -143,6 +171,9 @@ TINY = (
 )
 GEN = ("generate", "--model", "tiny-sd", "--steps", "2", "--device", "cpu", "--no-progress")
 SEED_64 = str(2**64)
+SEED_MAX = str(2**63 - 1)
+STEER = ("steer", "--encoder", "hpsv2:nowhere.pt", "--prompt", "a cat", "--plot", "s.png")
+NEGSET = ("negset", "build", "--images", "run_ok/images", "--model", "tiny-sd", "--cache-dir", "ns")
 
 # (argv, fragments the error line must hold); paths are relative to `workdir`
 CATALOGUE = [
@@ -181,6 +212,16 @@ CATALOGUE = [
     pytest.param([*GEN, "--prompts", "wide.csv", "--out", "g"], ["wide.csv", "row 2", "3 fields"], id="generate-csv-unquoted-comma"),
     pytest.param([*GEN, "--prompts", "latin1.txt", "--out", "g"], ["latin1.txt", "0xe9"], id="generate-latin1-prompts"),
     pytest.param([*GEN, "--prompts", "missing.csv", "--out", "g"], ["missing.csv", "not found"], id="generate-prompts-missing"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--seed", SEED_MAX], ["--seed", SEED_MAX, "row index 1", "2**63 - 1"], id="generate-seed-plus-row-index-beyond-2**63"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--seed", SEED_MAX, "--images-per-prompt", "2"], ["row 0", "image 1", "2**63 - 1"], id="generate-seed-plus-image-k-beyond-2**63"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--images-per-prompt", "1000000000"], ["--images-per-prompt", "1000000000"], id="generate-images-per-prompt-huge"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--images-per-prompt", "0"], ["--images-per-prompt", "0"], id="generate-images-per-prompt-0"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--batch-size", "0"], ["batch size", "0"], id="generate-batch-size-0"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "g", "--max-image-size", "0"], ["--max-image-size", "0"], id="generate-max-image-size-0"),
+    pytest.param([*GEN, "--prompts", "sized.csv", "--out", "g", "--max-image-size", "16"], ["sized.csv", "row 2", "24", "above 16"], id="generate-row-above-max-image-size"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "gen_other"], ["gen_other", "1 image(s)", "UNet weights", "--out", "--overwrite"], id="generate-out-holds-images-of-other-weights"),
+    pytest.param([*GEN, "--prompts", "p.txt", "--out", "run_ok"], ["run_ok", "unrecorded", "--out", "--overwrite"], id="generate-out-holds-images-of-unrecorded-weights"),
+    pytest.param(["generate", "--model", "sandbox:trunc.safetensors", "--prompts", "p.txt", "--out", "g", "--device", "cpu"], ["trunc.safetensors", "truncated or damaged"], id="generate-sandbox-truncated-weights"),
     # score
     pytest.param(["score", "--sandbox-detector", "run_dotdot"], ["record 1", "../secret.png", "inside the run folder"], id="score-record-dotdot"),
     pytest.param(["score", "--sandbox-detector", "run_abs"], ["record 1", "secret.png", "inside the run folder"], id="score-record-absolute"),
@@ -192,15 +233,45 @@ CATALOGUE = [
     pytest.param(["report", "--out", "rep", "run_dotdot"], ["record 1", "../secret.png", "inside the run folder"], id="report-record-dotdot"),
     pytest.param(["report", "--out", "rep", "run_abs"], ["record 1", "inside the run folder"], id="report-record-absolute"),
     pytest.param(["report", "--out", "rep", "--seed", SEED_64, "run_ok"], ["--seed", SEED_64], id="report-seed-2**64"),
+    pytest.param(["report", "--out", "rep", "run_sum_dotdot"], ["summary.json", "'q16'", "../secret.png", "inside the run folder"], id="report-summary-file-dotdot"),
+    pytest.param(["report", "--out", "rep", "run_sum_abs"], ["summary.json", "secret.png", "inside the run folder"], id="report-summary-file-absolute"),
+    pytest.param(["report", "--out", "rep", "run_sum_features"], ["summary.json", "features_file", "/etc/passwd"], id="report-summary-features-file-absolute"),
     # sandbox
     pytest.param(["sandbox", "prompts", "--n", "5", "--out", "run_ok"], ["run_ok", "is a folder where a file"], id="sandbox-prompts-out-is-a-folder"),
     pytest.param(["sandbox", "prompts", "--n", "5", "--out", "afile/p.csv"], ["afile", "is a file where a folder"], id="sandbox-prompts-out-under-a-file"),
     pytest.param(["sandbox", "prompts", "--n", "5", "--out", "p.csv", "--seed", SEED_64], ["--seed"], id="sandbox-prompts-seed-2**64"),
     pytest.param(["sandbox", "build", "--out", "w", "--seed", "-3"], ["--seed", "-3"], id="sandbox-build-seed-negative"),
+    pytest.param(["sandbox", "verify", "--dir", "MISSING"], ["MISSING", "does not exist"], id="sandbox-verify-missing-folder"),
+    pytest.param(["sandbox", "verify", "--dir", "afile"], ["afile", "not a folder"], id="sandbox-verify-a-file"),
+    pytest.param(["sandbox", "verify", "--dir", "run_ok"], ["run_ok", "manifest.json", "sandbox build"], id="sandbox-verify-no-manifest"),
+    # steer
+    pytest.param([*STEER, "--alpha", "nan"], ["--alpha", "finite", "nan"], id="steer-alpha-nan"),
+    pytest.param([*STEER, "--alpha", "inf"], ["--alpha", "finite", "inf"], id="steer-alpha-inf"),
+    pytest.param([*STEER, "--alpha=-1e309"], ["--alpha", "finite"], id="steer-alpha-overflow"),
+    pytest.param([*STEER, "--threshold", "nan"], ["--threshold", "finite"], id="steer-threshold-nan"),
+    pytest.param([*STEER, "--gating", "soft", "--temperature", "inf"], ["--temperature", "finite"], id="steer-temperature-inf"),
+    pytest.param([*STEER, "--gating", "soft", "--temperature", "0"], ["--temperature", "> 0"], id="steer-temperature-0"),
+    pytest.param([*STEER, "--sweep-points", "1000000000"], ["--sweep-points", "1000000000"], id="steer-sweep-points-huge"),
+    pytest.param([*STEER, "--sweep-points", "1"], ["--sweep-points", "1"], id="steer-sweep-points-1"),
     # des / negset / demo
     pytest.param(["des", "train", "--model", "tiny-sd", "--config", "latin1.yaml"], ["latin1.yaml", "utf-8"], id="des-latin1-config"),
     pytest.param(["des", "train", "--model", "tiny-sd", "--config", "garbage.yaml"], ["garbage.yaml", "YAML"], id="des-garbage-config"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "lr=1e309"], ["lr", "finite", "inf"], id="des-lr-overflow"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "weight_decay=inf"], ["weight_decay", "finite"], id="des-weight-decay-inf"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "concept_scale=inf"], ["concept_scale", "finite"], id="des-concept-scale-inf"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "lambda_safe=nan"], ["lambda_safe"], id="des-lambda-safe-nan"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "lr=0"], ["lr", "> 0"], id="des-lr-0"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "batch_size=0"], ["batch_size", ">= 1"], id="des-batch-size-0"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "epochs=0"], ["epochs", ">= 1"], id="des-epochs-0"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "encode_batch=-1"], ["encode_batch", ">= 1"], id="des-encode-batch-negative"),
+    pytest.param(["des", "train", "--model", "tiny-sd", f"seed={SEED_64}"], ["seed", SEED_64], id="des-seed-2**64"),
+    pytest.param(["des", "train", "--model", "tiny-sd", "seed=-1"], ["seed", "-1"], id="des-seed-negative"),
     pytest.param(["negset", "build", "--images", "run_ok/images", "--model", "tiny-sd", "--cache-dir", "afile"], ["afile", "is a file where a folder"], id="negset-cache-dir-is-a-file"),
+    pytest.param([*NEGSET, "--batch-size", "0"], ["--batch-size", "0"], id="negset-batch-size-0"),
+    pytest.param([*NEGSET, "--batch-size", "-4"], ["--batch-size", "-4"], id="negset-batch-size-negative"),
+    pytest.param([*NEGSET, "--resolution", "0"], ["--resolution", "0"], id="negset-resolution-0"),
+    pytest.param([*NEGSET, "--resolution", "100000"], ["--resolution", "100000", "2048"], id="negset-resolution-huge"),
+    pytest.param([*NEGSET, "--resolution", "18"], ["resolution 18", "multiple of 4"], id="negset-resolution-off-the-model-grid"),
     pytest.param(["demo", "--world", "tiny-sd", "--output-dir", "afile"], ["afile", "is a file where a folder"], id="demo-output-is-a-file"),
 ]  # fmt: skip
 
@@ -513,3 +584,39 @@ def test_disk_full_while_saving_a_checkpoint(capsys, tmp_path, monkeypatch):
     assert code == 0 and "trained epochs 1..1" in out, err
     hidden = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert hidden == []
+
+
+def test_overwrite_replaces_images_of_other_weights(capsys, workdir):
+    """The refused folder of the catalogue, regenerated with --overwrite: the image of the other
+    weights is gone, the new ones carry this model's digests, a rerun resumes."""
+    from PIL import Image
+
+    code, out, err = run_cli(
+        capsys, *GEN, "--prompts", "p.txt", "--out", "gen_other", "--overwrite"
+    )
+    assert code == 0, err
+    assert "2 generated" in out and "0 already on disk" in out
+    assert "deleted 1 image(s)" in err
+    info = json.loads((workdir / "gen_other" / "run.json").read_text())
+    for name in ("0_0.png", "1_0.png"):
+        with Image.open(workdir / "gen_other" / "images" / name) as im:
+            assert json.loads(im.info["safediff"])["weights"] == info["made_with"]["weights"]
+    code, out, err = run_cli(capsys, *GEN, "--prompts", "p.txt", "--out", "gen_other")
+    assert code == 0 and "0 generated" in out and "2 already on disk" in out, err
+
+
+def test_train_overrides_before_and_after_resume(capsys, two_epoch_run, tmp_path):
+    """`train --preset P KEY=V --resume auto KEY=V`: overrides on both sides of --resume, in
+    command-line order (the later one wins)."""
+    from safediff.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "P", "a.b=1", "--resume", "auto", "c.d=2", "a.b=3"])  # fmt: skip
+    assert (args.preset, args.resume, args.overrides) == ("P", "auto", ["a.b=1", "c.d=2", "a.b=3"])
+    args = build_parser().parse_args(["train", "--resume", "auto", "c.d=2", "--preset", "P", "a.b=1"])  # fmt: skip
+    assert (args.resume, args.overrides) == ("auto", ["c.d=2", "a.b=1"])
+    run = tmp_path / "run"
+    shutil.copytree(two_epoch_run, run)
+    code, out, err = run_cli(
+        capsys, "train", *TINY, f"run.output_dir={run}", "--resume", "auto", *TWO_EPOCHS, "run.epochs=3"
+    )  # fmt: skip
+    assert code == 0 and "trained epochs 2..2" in out, err

@@ -1,6 +1,7 @@
 """`safediff generate`: per-row protocol vs diffusers' pipeline, batch and process invariance,
 resume, safe file names, and model specs in every form."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -238,14 +239,116 @@ def test_interrupted_run_resumes_to_the_same_images(model, tmp_path):
     assert (images / "c0_0.png").stat().st_mtime == old
 
 
-def test_images_made_with_other_settings_are_regenerated(model, tmp_path):
+def test_images_made_with_other_settings_are_refused_or_overwritten(model, tmp_path):
     rows = mixed_rows()[:2]
     run(model, rows, tmp_path / "ref")
-    run(model, rows, tmp_path / "out", num_steps=2)  # same names, other sampler settings
-    again = run(model, rows, tmp_path / "out")
+    out = tmp_path / "out"
+    run(model, rows, out, num_steps=2)  # same names, other sampler settings
+    before = image_bytes(out)
+    with pytest.raises(
+        SafediffError, match=r"2 image\(s\) made with other sampler steps .*--out.*--overwrite"
+    ):
+        run(model, rows, out)
+    assert image_bytes(out) == before  # refused: nothing touched
+    again = run(model, rows, out, overwrite=True)
     assert (again.generated, again.skipped) == (2, 0)
-    assert image_bytes(tmp_path / "out") == image_bytes(tmp_path / "ref")
-    assert run(model, rows, tmp_path / "out", negative_prompt="x").generated == 2
+    assert image_bytes(out) == image_bytes(tmp_path / "ref")
+    with pytest.raises(SafediffError, match="negative prompt"):
+        run(model, rows, out, negative_prompt="x")
+    assert run(model, rows, out, negative_prompt="x", overwrite=True).generated == 2
+    # a row's own settings (prompt, seed, guidance, size) changing regenerates that row's images
+    changed = [dataclasses.replace(rows[0], prompt="another prompt"), rows[1]]
+    result = run(model, changed, out, negative_prompt="x")
+    assert (result.generated, result.skipped) == (1, 1)
+
+
+def _perturbed_unet(seed_offset: float):
+    unet = load_t2i_model(ModelConfig(pretrained="tiny-sd")).unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(seed_offset)
+    return unet
+
+
+def test_changed_weights_behind_a_model_path_are_never_reused(tmp_path, capsys):
+    """The weights behind one path change (a run retrained or re-merged): a rerun into the same
+    folder is refused, leaving the images as they were; --overwrite regenerates them, equal to a
+    fresh run of the new weights; an unchanged rerun still resumes."""
+    from safediff.cli import main as cli_main
+    from safediff.models.digest import module_digest
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(5)), encoding="utf-8")
+    weights = tmp_path / "unet.safetensors"
+    save_unet_safetensors(_perturbed_unet(0.01), weights)
+    argv = ["generate", "--model", str(weights), "--base", "tiny-sd", "--prompts", str(prompts)]
+    argv += ["--steps", "2", "--device", "cpu", "--no-progress", "--out"]
+    out = tmp_path / "g"
+
+    assert cli_main([*argv, str(out)]) == 0
+    assert "5 generated" in capsys.readouterr().out
+    old = image_bytes(out)
+    info = json.loads((out / "run.json").read_text())
+    assert info["made_with"]["weights"]["unet"] == module_digest(_perturbed_unet(0.01))
+    with Image.open(out / "images" / "0_0.png") as im:
+        assert json.loads(im.info["safediff"])["weights"] == info["made_with"]["weights"]
+
+    save_unet_safetensors(_perturbed_unet(0.02), weights)  # same path, new weights
+    assert cli_main([*argv, str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "already on disk" not in captured.out
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("safediff: error: ") and "Traceback" not in captured.err
+    for fragment in (str(out), "5 image(s)", "UNet weights", "--out", "--overwrite"):
+        assert fragment in error, error
+    assert image_bytes(out) == old
+
+    assert cli_main([*argv, str(out), "--overwrite"]) == 0
+    assert "5 generated (" in capsys.readouterr().out
+    assert cli_main([*argv, str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
+    assert image_bytes(out) == image_bytes(tmp_path / "fresh") != old
+
+    assert cli_main([*argv, str(out)]) == 0  # nothing changed: resumed, nothing regenerated
+    assert "0 generated" in capsys.readouterr().out
+
+
+def test_a_checkpoint_folder_retrained_in_place_is_refused(model, tmp_path):
+    """The same through the library, for a tiny-sd pipeline folder saved over."""
+    rows = mixed_rows()[:2]
+    folder = tmp_path / "pipe"
+    save_tiny_sd(folder)
+    run(load_t2i_model(ModelConfig(pretrained=str(folder))), rows, tmp_path / "out")
+    retrained = load_t2i_model(ModelConfig(pretrained=str(folder)))
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(1e-3)
+    retrained.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    reloaded = load_t2i_model(ModelConfig(pretrained=str(folder)))
+    with pytest.raises(SafediffError, match="UNet weights"):
+        run(reloaded, rows, tmp_path / "out")
+    assert run(reloaded, rows, tmp_path / "out", overwrite=True).generated == 2
+
+
+def test_temporaries_of_killed_runs_are_removed_at_start(model, tmp_path):
+    images = tmp_path / "out" / "images"
+    images.mkdir(parents=True)
+    dead = 2**22 + 4321  # above the default pid_max: never a live process
+    orphan = images / f".c0_0.png.tmp-{dead}"
+    orphan.write_bytes(b"half a png")
+    run(model, mixed_rows()[:1], tmp_path / "out")
+    assert not orphan.exists()
+    assert sorted(p.name for p in images.iterdir()) == ["c0_0.png"]
+
+
+def test_seed_plus_row_index_beyond_2_63_is_refused(model):
+    rows = [PromptRow(index=i, prompt=f"p{i}") for i in range(3)]
+    top = 2**63 - 1
+    assert plan_jobs(model, rows[:1], default_seed=top, default_guidance=1, images_per_prompt=1)
+    with pytest.raises(SafediffError, match=r"row 1 .*--seed 9223372036854775807 \+ row index 1"):
+        plan_jobs(model, rows, default_seed=top, default_guidance=1, images_per_prompt=1)
+    own = [PromptRow(index=0, prompt="p", seed=top)]
+    with pytest.raises(SafediffError, match=r"its seed 9223372036854775807 \+ image 1"):
+        plan_jobs(model, own, default_seed=0, default_guidance=1, images_per_prompt=2)
 
 
 def test_cli_main(tmp_path, capsys):

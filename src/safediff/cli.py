@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
+    "export": ("safediff.models.export_cli", "add_export_parser", "diffusers folder + model card"),
 }
 TINY_SD_WORLD = "tiny-sd"
 
@@ -42,6 +43,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grpo.group_size=8"
     )
+
+
+class _ExtendOverrides(argparse.Action):
+    """KEY=VALUE overrides gathered in command-line order wherever they stand, so
+    `train --preset P a=1 --resume auto b=2` gives [a=1, b=2] (argparse alone takes one run)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
+
+
+class _ResumeThenOverrides(argparse.Action):
+    """`--resume CHECKPOINT [KEY=VALUE ...]`: the checkpoint, then overrides added to the rest."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        checkpoint, *overrides = values  # a stray word is refused with the overrides
+        setattr(namespace, self.dest, checkpoint)
+        namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *overrides]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -130,9 +148,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="GRPO post-training of a diffusion UNet")
-    _add_config_args(p)
+    p.add_argument("--preset", help="preset name (see `safediff presets`) or a YAML file path")
     p.add_argument(
-        "--resume", help="'auto' (latest checkpoint in run.output_dir) or a checkpoint folder"
+        "overrides",
+        nargs="*",
+        action=_ExtendOverrides,
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. grpo.group_size=8 (before or after --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="+",
+        action=_ResumeThenOverrides,
+        metavar=("CHECKPOINT", "KEY=VALUE"),
+        help="'auto' (latest checkpoint in run.output_dir) or a checkpoint folder; overrides may "
+        "follow it",
     )
     p.set_defaults(func=_cmd_train)
 

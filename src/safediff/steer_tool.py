@@ -12,6 +12,7 @@ threshold).
 """
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from safediff.rewards.steering import (
     safety_score,
     steer,
 )
+
+MAX_SWEEP_POINTS = 10_000
+"""The most alpha values the sweep plots (each is one steering pass over every prompt)."""
 
 
 def add_steer_parser(subparsers: Any) -> None:
@@ -53,12 +57,24 @@ def add_steer_parser(subparsers: Any) -> None:
     p.add_argument(
         "--prompt", action="append", default=[], help="a prompt (repeatable; added to --prompts)"
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="steering strength for the table")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="steering strength for the table (finite)"
+    )
     p.add_argument("--mode", choices=STEER_MODES, default="translation")
     p.add_argument("--gating", choices=GATING_MODES, default="all")
-    p.add_argument("--threshold", type=float, default=0.0, help="gating threshold on s")
-    p.add_argument("--temperature", type=float, default=0.05, help="soft gating temperature")
-    p.add_argument("--sweep-points", type=int, default=21, help="alpha values in [0, 1]")
+    p.add_argument("--threshold", type=float, default=0.0, help="gating threshold on s (finite)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.05,
+        help="soft gating temperature (finite; > 0 for soft gating)",
+    )
+    p.add_argument(
+        "--sweep-points",
+        type=int,
+        default=21,
+        help=f"alpha values in [0, 1] (2 to {MAX_SWEEP_POINTS})",
+    )
     p.add_argument("--plot", default="steer_sweep.png", help="output PNG of the alpha sweep")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="encoder weight dtype")
@@ -140,8 +156,17 @@ def _plot(
 
 def run_steer(args: argparse.Namespace) -> int:
     """Print the safety table and save the alpha-sweep plot; returns the exit status (0)."""
-    if args.sweep_points < 2:
-        raise SafediffError(f"--sweep-points must be >= 2, got {args.sweep_points}")
+    for flag, value in (
+        ("--alpha", args.alpha),
+        ("--threshold", args.threshold),
+        ("--temperature", args.temperature),
+    ):
+        if not math.isfinite(value):
+            raise SafediffError(f"{flag} must be a finite number, got {value}")
+    if not 2 <= args.sweep_points <= MAX_SWEEP_POINTS:
+        raise SafediffError(
+            f"--sweep-points must be in [2, {MAX_SWEEP_POINTS}], got {args.sweep_points}"
+        )
     if args.gating == "soft" and not args.temperature > 0:
         raise SafediffError(f"--temperature must be > 0 for soft gating, got {args.temperature}")
     prompts = read_prompts(args.prompts, list(args.prompt))

@@ -8,9 +8,29 @@ KEY=VALUE overrides set any `DESConfig` field (e.g. epochs=1 lr=2e-5 direction=c
 """
 
 import argparse
+import dataclasses
 import json
+import math
+from typing import Any
 
 from safediff.errors import SafediffError
+
+MAX_RESOLUTION = 2048
+"""The largest --resolution of `negset build`, in pixels (as a prompt row's image size)."""
+SEED_MAX = 2**63 - 1
+
+
+def _check_des_numbers(cfg: Any) -> None:
+    """Ranges DESConfig's own checks leave open: every float finite (lr=1e309 is inf), the seed
+    in [0, 2**63 - 1]; SafediffError naming the field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SafediffError(
+                f"invalid DES config: {f.name} must be a finite number, got {value}"
+            )
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise SafediffError(f"invalid DES config: seed {cfg.seed} is outside [0, 2**63 - 1]")
 
 
 def _cmd_des_train(args: argparse.Namespace) -> int:
@@ -27,6 +47,7 @@ def _cmd_des_train(args: argparse.Namespace) -> int:
     # Flags go in as JSON-quoted overrides (a concept such as "yes" must stay a string).
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, [*overrides, *args.overrides], cls=DESConfig)
+    _check_des_numbers(cfg)
     out = run_des(cfg, device=args.device, progress=not args.no_progress)
     print(f"DES text encoder written to {out} (use it with the defense spec des:{out})")
     return 0
@@ -37,6 +58,12 @@ def _cmd_negset_build(args: argparse.Namespace) -> int:
     from safediff.defenses.safe_denoiser import NegationSet, build_sd_negation_set
     from safediff.models.loading import load_t2i_model
 
+    if args.batch_size < 1:
+        raise SafediffError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.resolution is not None and not 1 <= args.resolution <= MAX_RESOLUTION:
+        raise SafediffError(
+            f"--resolution must be in [1, {MAX_RESOLUTION}] pixels, got {args.resolution}"
+        )
     model = load_t2i_model(
         ModelConfig(pretrained=args.model, resolution=args.resolution), device=args.device
     )
@@ -57,8 +84,18 @@ def add_des_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `des train` to the `safediff` command line."""
     des = subparsers.add_parser("des", help="DES: train a distorted text encoder")
     sub = des.add_subparsers(dest="des_command", required=True)
+    departure = (
+        "Departure: the concept direction defaults to u = unit(E(concept) - E('')) "
+        "(direction=difference, DESIGN.md's form), which is not the DES paper's Eq. 2; "
+        "direction=concept gives the reference code's u = unit(E(concept)). See docs/parity.md."
+    )
     p = sub.add_parser(
-        "train", help="train the text encoder on safe/unsafe prompts (UNet and VAE untouched)"
+        "train",
+        help="train the text encoder on safe/unsafe prompts (UNet and VAE untouched); the "
+        "default concept direction departs from the paper (direction=concept: the reference "
+        "code's)",
+        description="Train the text encoder on safe/unsafe prompts (UNet and VAE untouched). "
+        + departure,
     )
     p.add_argument("--safe-prompts", help="safe prompts: a .txt/.csv file or builtin:NAME")
     p.add_argument("--unsafe-prompts", help="unsafe prompts: a .txt/.csv file or builtin:NAME")
@@ -69,7 +106,10 @@ def add_des_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="DESConfig overrides, e.g. epochs=1"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="DESConfig overrides, e.g. epochs=1 direction=concept",
     )
     p.set_defaults(func=_cmd_des_train)
 
@@ -88,8 +128,14 @@ def add_negset_parser(subparsers: argparse._SubParsersAction) -> None:
         "reference set (the spec's reference=FILE, gate=odds)",
     )
     p.add_argument("--model", default="tiny-sd", help="base model whose VAE encodes the images")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default: model's)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"image side in pixels, up to {MAX_RESOLUTION}, a multiple of the model's latent "
+        "cell (default: the model's)",
+    )
     p.add_argument("--cache-dir", default="negsets", help="where negset-<hash>.safetensors goes")
-    p.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
+    p.add_argument("--batch-size", type=int, default=8, help="images per VAE call (>= 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.set_defaults(func=_cmd_negset_build)

@@ -21,11 +21,20 @@ Protocol (as in the papers' evaluation scripts, one difference named below):
 - batching: rows are grouped by (guidance, width, height) and each group is sampled in batches of
   `batch_size`, so a row's size and guidance never leak into another row's batch.
 
-Resume: an image already on disk is kept when it decodes (PIL verify + load), has the expected size
-and carries the same generation metadata (a PNG text chunk "safediff": prompt, negative prompt,
-seed, guidance, size, steps, eta, model); anything else (missing, truncated, corrupt, made with
-other settings) is regenerated. Files are written to a temporary name and renamed (os.replace),
-so an interrupted run never leaves a half-written PNG under its final name.
+Keyed by content: every image carries (a PNG text chunk "safediff") its row's prompt, seed, guidance
+and size and the run's key (`content_key`): digests of the weights it was made with (UNet, text
+encoder, VAE, noise schedule; after defenses), the defense stack and sha256 of the files it names,
+and the sampler settings (steps, eta, negative prompt); run.json records the key as "made_with".
+A model path whose weights changed (a run re-merged or retrained) is a different key, so:
+
+- a folder holding images of another key is refused (SafediffError: start fresh in another
+  folder, or pass `overwrite=True` / --overwrite, which first deletes those images and the old
+  records and scores), so one folder never mixes images of two models;
+- resume: an image already on disk is kept when it decodes (PIL verify + load), has the expected
+  size and carries the same metadata; anything else of this key (missing, truncated, corrupt, a
+  row whose prompt, seed, guidance or size changed) is regenerated. Files are written to a
+  temporary name and renamed (os.replace), so an interrupted run never leaves a half-written PNG
+  under its final name; the temporaries of killed runs are removed at the next start.
 
 Distributed (accelerate / torchrun): process r of W takes rows at positions i with i % W == r and
 writes its own images; after a barrier the main process writes generation.jsonl and run.json. Since
@@ -34,10 +43,12 @@ every image owns its generator, W processes produce the same files as one.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,9 +60,9 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import safediff
-from safediff.atomic import atomic_path, write_text_atomic
+from safediff.atomic import atomic_path, remove_orphans, write_text_atomic
 from safediff.errors import SafediffError
-from safediff.eval.prompt_sets import FORMATS, PromptRow
+from safediff.eval.prompt_sets import FORMATS, MAX_IMAGE_SIZE, PromptRow
 from safediff.models.base import T2IModel
 from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import generator
@@ -63,6 +74,10 @@ RECORDS_FILE = "generation.jsonl"
 RUN_FILE = "run.json"
 METADATA_KEY = "safediff"
 _SAFE_STEM = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SEED_MAX = 2**63 - 1
+MAX_IMAGES_PER_PROMPT = 10_000
+"""The command line's bound on --images-per-prompt (a typo of 10**9 would plan for minutes)."""
+"""The largest image seed: row seeds are offset by k and stored as signed 64-bit integers."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +167,8 @@ def plan_jobs(
     """Every image of `rows` with its resolved seed, guidance and size, by row then k.
 
     Raises SafediffError naming the rows when two rows would share a file name (compared
-    case-insensitively) or a row's size does not fit the model.
+    case-insensitively), a row's size does not fit the model, or an image's seed (row seed + k)
+    would exceed SEED_MAX.
     """
     dw, dh = default_size(model)
     jobs: list[ImageJob] = []
@@ -173,6 +189,17 @@ def plan_jobs(
         except SafediffError as err:
             raise SafediffError(f"row {row.index} (case {row.case_number}): {err}") from None
         row_seed = row.seed if row.seed is not None else default_seed + row.index
+        if row_seed + images_per_prompt - 1 > SEED_MAX:
+            source = (
+                f"its seed {row.seed}"
+                if row.seed is not None
+                else f"--seed {default_seed} + row index {row.index}"
+            )
+            raise SafediffError(
+                f"row {row.index} (case {row.case_number}): {source} + image "
+                f"{images_per_prompt - 1} exceeds the largest seed 2**63 - 1; pass a smaller "
+                "seed"
+            )
         guidance = row.guidance if row.guidance is not None else default_guidance
         for k in range(images_per_prompt):
             jobs.append(
@@ -200,11 +227,147 @@ def job_record(job: ImageJob) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# What made an image: the run's content key
+
+
+def _file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _schedule_digest(model: T2IModel) -> str:
+    """blake2b of the noise schedule (alpha-bars, final alpha-bar, prediction type, spacing)."""
+    sched = model.schedule
+    h = hashlib.blake2b(digest_size=16)
+    h.update(sched.alphas_cumprod.detach().cpu().float().contiguous().numpy().tobytes())
+    h.update(
+        f"{sched.final_alpha_cumprod!r}:{sched.prediction_type}:{sched.steps_offset}:"
+        f"{sched.timestep_spacing}".encode()
+    )
+    return h.hexdigest()
+
+
+def content_key(model: T2IModel, defenses: str | None, sampler: SamplerSettings) -> dict[str, Any]:
+    """What every image of a run depends on besides its row (JSON-ready; compared on rerun).
+
+    model: the model as sampled, after defenses (a DES encoder is in its text encoder).
+    weights: `module_digest` of the UNet and of every module component (text encoder, VAE, a
+    model family's adapters) and a digest of the noise schedule; defenses: the canonical stack
+    spec; defense_files: sha256 of each file it names (the Safe Denoiser's negation and
+    reference sets); steps, eta, negative_prompt: the sampler's. Digesting reads every weight
+    once (a few seconds for SD 1.5).
+    """
+    from safediff.defenses.stack import DefenseStack, safe_denoiser_files
+    from safediff.models.digest import module_digest
+
+    stack = DefenseStack.parse(defenses)
+    files = {}
+    for spec in stack.specs:
+        if spec.kind == "safe-denoiser":
+            files.update({f: _file_sha256(f) for f in safe_denoiser_files(spec)})
+    weights = {"unet": module_digest(model.unet), "schedule": _schedule_digest(model)}
+    for name, module in sorted(model.components.items()):
+        if isinstance(module, torch.nn.Module):  # text encoder, VAE, a family's adapters
+            weights[name] = module_digest(module)
+    return {
+        "weights": weights,
+        "defenses": str(stack) if stack.specs else "",
+        "defense_files": files,
+        "steps": sampler.num_steps,
+        "eta": sampler.eta,
+        "negative_prompt": sampler.negative_prompt,
+    }
+
+
+_KEY_WORDS = {
+    "defenses": "defenses",
+    "defense_files": "defense files",
+    "steps": "sampler steps",
+    "eta": "sampler eta",
+    "negative_prompt": "negative prompt",
+}
+_WEIGHT_WORDS = {"unet": "UNet weights", "vae": "VAE weights", "schedule": "noise schedule"}
+
+
+def _key_differences(made_with: Any, key: Mapping[str, Any]) -> list[str]:
+    """What differs between an image's metadata and `key`, in words ([] when it matches)."""
+    if not isinstance(made_with, dict) or not isinstance(made_with.get("weights"), dict):
+        return ["weights (unrecorded: an image of an older safediff or another program)"]
+    recorded, wanted = made_with["weights"], key["weights"]
+    diffs = [
+        _WEIGHT_WORDS.get(name, f"{name.replace('_', ' ')} weights")
+        for name in sorted({*recorded, *wanted}, key=lambda n: (n != "unet", n))
+        if recorded.get(name) != wanted.get(name)
+    ]
+    return diffs + [words for part, words in _KEY_WORDS.items() if made_with.get(part) != key[part]]
+
+
+def _made_with(path: Path) -> Any:
+    """The metadata a PNG carries (parsed JSON; {} when it carries none or garbage), or None
+    when the file does not open as an image (a truncated file: resume regenerates it)."""
+    try:
+        with Image.open(path) as im:  # the text chunk precedes the pixels: no decoding here
+            text = im.info.get(METADATA_KEY)
+    except Exception:  # unreadable: not evidence of another model
+        return None
+    try:
+        return json.loads(text) if isinstance(text, str) else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _stale_images(images_dir: Path, key: Mapping[str, Any]) -> dict[Path, list[str]]:
+    """The readable PNGs in `images_dir` not made with `key`: path -> what differs."""
+    stale = {}
+    if images_dir.is_dir():
+        for path in sorted(images_dir.glob("*.png")):
+            meta = _made_with(path)
+            diffs = _key_differences(meta, key) if meta is not None else []
+            if diffs:
+                stale[path] = diffs
+    return stale
+
+
+def _refuse_or_clear_stale(
+    out_dir: Path, key: Mapping[str, Any], overwrite: bool, delete: bool = True
+) -> None:
+    """Refuse a folder holding images of another key, or (overwrite) delete them together with
+    the records and scores that describe them (delete=False: leave that to the main process)."""
+    from safediff.eval.score import SCORES_DIR, SUMMARY_FILE
+
+    stale = _stale_images(out_dir / IMAGES_DIR, key)
+    if not stale:
+        return
+    what = sorted({d for diffs in stale.values() for d in diffs})
+    example = next(iter(stale)).relative_to(out_dir).as_posix()
+    if not overwrite:
+        raise SafediffError(
+            f"{out_dir} holds {len(stale)} image(s) made with other {', '.join(what)} than this "
+            f"run (e.g. {example}); start fresh with another --out, or add --overwrite to delete "
+            "them and regenerate"
+        )
+    if not delete:
+        return
+    for path in stale:
+        path.unlink(missing_ok=True)
+    for name in (RECORDS_FILE, RUN_FILE, SUMMARY_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
+    logger.warning(
+        "overwrite: deleted %d image(s) of %s made with other %s, and their records and scores",
+        len(stale),
+        out_dir,
+        ", ".join(what),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Files
 
 
 def _metadata(job: ImageJob, settings: Mapping[str, Any]) -> str:
-    """The PNG text chunk that ties a file to what made it (compared verbatim on resume)."""
+    """The PNG text chunk that ties a file to what made it (compared verbatim on resume):
+    the row's prompt, seed, guidance and size, and the run's `content_key`."""
     meta = {
         "prompt": job.row.prompt,
         "seed": job.seed,
@@ -273,6 +436,7 @@ def generate(
     progress: bool = True,
     run_info: Mapping[str, Any] | None = None,
     defenses: str | None = None,
+    overwrite: bool = False,
 ) -> GenerationResult:
     """Sample `images_per_prompt` images per row and write them under `out_dir` (module docstring).
 
@@ -284,11 +448,16 @@ def generate(
     model: on its device (the UNet's parameters give it). rows: e.g. `load_prompt_set(...).rows`.
     accelerator: an `accelerate.Accelerator` to split rows across processes, or None (one process).
     run_info: extra entries for run.json (e.g. the model spec and prompt file as given).
+    overwrite: when `out_dir` holds images made with another `content_key` (other weights,
+        defenses or sampler settings), delete them (and the old records and scores) and
+        regenerate, instead of raising SafediffError.
     Returns a `GenerationResult`; every process returns the same records and counts.
     """
     if images_per_prompt < 1:
         raise SafediffError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-    sampler = SamplerSettings(num_steps, float(eta), float(default_guidance), negative_prompt, batch_size)
+    sampler = SamplerSettings(
+        num_steps, float(eta), float(default_guidance), negative_prompt, batch_size
+    )
     if not rows:
         raise SafediffError("no prompt rows to generate")
     out_dir = Path(out_dir)
@@ -312,15 +481,15 @@ def generate(
             raise SafediffError(
                 "a negprompt defense and --negative-prompt both set the negative prompt; use one"
             )
-    settings = {
-        "negative_prompt": negative_prompt,
-        "steps": num_steps,
-        "eta": float(eta),
-        "model": model.source,
-        "defenses": defenses or "",
-    }
+    settings = content_key(model, defenses, sampler)
     images_dir = out_dir / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(images_dir)  # `.NAME.png.tmp-PID` of killed runs
+    # every process reaches the same verdict (one scan of the same files), so all raise together
+    _refuse_or_clear_stale(out_dir, settings, overwrite, delete=is_main)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # stale images are gone before anyone checks for resume
 
     start = time.perf_counter()
     position = {row.index: i for i, row in enumerate(rows)}
@@ -357,6 +526,7 @@ def generate(
             "eta": float(eta),
             "negative_prompt": negative_prompt,
             "defenses": defenses or "",
+            "made_with": settings,
             "default_seed": default_seed,
             "default_guidance": float(default_guidance),
             "default_size": list(default_size(model)),
@@ -453,18 +623,36 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-column", help="CSV column holding the prompt (overrides the format's)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the prompt file")
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="longer prompts are skipped")
+    p.add_argument(
+        "--max-image-size",
+        type=int,
+        default=MAX_IMAGE_SIZE,
+        help="the largest width or height a prompt row may ask for, in pixels (>= 8; default "
+        f"{MAX_IMAGE_SIZE})",
+    )
     sampler_note = (
         " (default: the run's training sampler for a safediff run or checkpoint, a plug-in "
         "model's own sampler, else the protocol's 50 steps, eta 0, CFG 7.5)"
     )
     p.add_argument("--steps", type=int, help="DDIM steps" + sampler_note)
+    p.add_argument("--guidance", type=float, help="CFG scale for rows without one" + sampler_note)
     p.add_argument(
-        "--guidance", type=float, help="CFG scale for rows without one" + sampler_note
+        "--seed",
+        type=int,
+        default=0,
+        help="rows without a seed use SEED + row index (image k: + k); SEED + row index + k "
+        "must not exceed 2**63 - 1",
     )
-    p.add_argument("--seed", type=int, default=0, help="rows without a seed use SEED + row index")
-    p.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (0 = deterministic)" + sampler_note)
+    p.add_argument(
+        "--eta", type=float, help="DDIM eta in [0, 1] (0 = deterministic)" + sampler_note
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per row (seeds +k)")
+    p.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=1,
+        help=f"images per row (seeds +k), 1 to {MAX_IMAGES_PER_PROMPT}",
+    )
     p.add_argument(
         "--negative-prompt", help="unconditional prompt for CFG (default: as the sampler's)"
     )
@@ -481,6 +669,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="precision of the VAE and text encoder (the UNet stays float32)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="when --out holds images made with other weights, defenses or sampler settings, "
+        "delete them (and the records and scores describing them) and regenerate; without it "
+        "such a folder is refused",
+    )
 
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -532,6 +727,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise SafediffError(f"--limit must be >= 1, got {args.limit}")
+    if not 1 <= args.images_per_prompt <= MAX_IMAGES_PER_PROMPT:
+        raise SafediffError(
+            f"--images-per-prompt must be in [1, {MAX_IMAGES_PER_PROMPT}], got "
+            f"{args.images_per_prompt}"
+        )
+    if args.max_image_size < 8:
+        raise SafediffError(f"--max-image-size must be >= 8 pixels, got {args.max_image_size}")
     cfg = parse_model_spec(args.model, args.base)
     pset = load_prompt_set(
         args.prompts,
@@ -539,6 +741,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt_column=args.prompt_column,
         max_prompt_chars=args.max_prompt_chars,
         encoding=args.encoding,
+        max_image_size=args.max_image_size,
     )
     rows = list(pset.rows[: args.limit] if args.limit else pset.rows)
 
@@ -566,6 +769,7 @@ def run_generate(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         progress=not args.no_progress,
         defenses=args.defense,
+        overwrite=args.overwrite,
         run_info={
             "model_spec": args.model,
             "base": args.base,

@@ -63,9 +63,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check the weight files against the manifest's sizes and sha256 hashes."""
-    from safediff.sandbox.manifest import WEIGHTS_DIR, read_manifest, verify
+    from pathlib import Path
 
-    folder = args.dir or WEIGHTS_DIR
+    from safediff.sandbox.manifest import MANIFEST, WEIGHTS_DIR, read_manifest, verify
+
+    folder = Path(args.dir or WEIGHTS_DIR)
+    if not folder.exists():
+        raise SafediffError(f"{folder} does not exist; pass the folder `sandbox build` wrote")
+    if not folder.is_dir():
+        raise SafediffError(f"{folder} is a file, not a folder; pass the weights folder")
+    if not (folder / MANIFEST).is_file():
+        raise SafediffError(
+            f"{folder} has no {MANIFEST}: not a sandbox weights folder (`safediff sandbox build "
+            f"--out {folder}` writes one)"
+        )
     problems = verify(folder)
     if problems:
         for p in problems:
