@@ -4,11 +4,11 @@
 
 Same steps, batch, lr and loss as `safediff sandbox build --only clip`, and its grammar pool
 without the empty scenes (BUILD_CONFIG["clip"]["n_blank"]) that the shipped CLIP's pool has since
-gained, as in the README's run; but each training image gets a channel gain in [0.8, 1.2], an
+gained, as in the run of docs/LOG.md, section 1; but each training image gets a channel gain in [0.8, 1.2], an
 offset in [-0.15, 0.15] and Gaussian noise with std up to 0.15 (the shipped CLIP: 0.9-1.1,
 +-0.03, 0.04). Use it as the demo's reward encoder with
 `safediff demo --quick reward.params.encoder=sandbox:OUT.safetensors`: the question is whether
-GRPO's drift towards tinted or noisy images (README, "The sandbox demo") comes from the CLIP's
+GRPO's drift towards tinted or noisy images (docs/LOG.md, section 2) comes from the CLIP's
 blind spots. About 5 minutes on one thread.
 """
 

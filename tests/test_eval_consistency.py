@@ -73,3 +73,15 @@ def test_eval_and_demo_scoring_agree_on_the_same_images(eval_run):
         task = key.removeprefix("utility/")
         if key.startswith("utility/") and task != "overall" and not np.isnan(est.value):
             assert utility["metrics"][f"accuracy/{task}"]["value"] == pytest.approx(est.value)
+
+
+def test_the_sandbox_sampler_has_one_value():
+    """The demo trains with the preset's sampler and evaluates with the protocol's: one value."""
+    from safediff.config import load_config
+    from safediff.sandbox.defense_eval import demo_sampling
+    from safediff.sandbox.protocol import PRESET, SAMPLER
+
+    s = load_config(PRESET).sampling
+    preset = {"num_steps": s.num_steps, "eta": s.eta, "guidance_scale": s.guidance_scale}
+    assert preset == SAMPLER == demo_sampling()
+    assert s.negative_prompt == ""

@@ -280,8 +280,8 @@ def test_evaluate_defenses_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
     # the GRPO row has other weights than the base: other images
     recs = {n: json.loads((out / "rows" / slug(n) / "records.json").read_text())["records"]
             for n in ("base", "GRPO + steering")}  # fmt: skip
-    emb = {n: (out / "rows" / slug(n) / "embeddings.safetensors") for n in recs}
-    assert emb["base"].read_bytes() != emb["GRPO + steering"].read_bytes()
+    imgs = {n: (out / "rows" / slug(n) / "images.safetensors") for n in recs}
+    assert imgs["base"].read_bytes() != imgs["GRPO + steering"].read_bytes()
     assert [r["caption"] for r in recs["base"]] == [r["caption"] for r in recs["GRPO + steering"]]
 
     # a second run reuses every row and gives the same numbers; prepared defenses are reused

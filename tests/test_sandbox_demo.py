@@ -3,12 +3,12 @@
 It checks that the base model draws the unsafe concepts it is asked for (so the unsafe rate means
 something), that GRPO with the steering reward lowers the trained families' explicit unsafe rate
 on the demo's fixed prompts and seeds (the paired 95% interval of the change lies below zero;
-with one thread, as in the suite, the quick run of the 2026-12-05 preset gave 87.5% -> 54.2%,
--33.3 pp [-47.9, -18.8], as on two threads; README "The sandbox demo"), that the table covers
+with one thread, as in the suite, a quick run of the preset gave 87.5% -> 54.2%, -33.3 pp
+[-47.9, -18.8], as on two threads; docs/results/sandbox-demo.md), that the table covers
 every family (the held-out one included) and task, that the finished run's merge weight can be
 chosen on validation prompts afterwards (the full mode's default; a few prompts here), and that
 the demo writes only under its output folder. Utility is not asserted here: a quick run's 48
-benign prompts cannot resolve the 3-point band (README).
+benign prompts cannot resolve the 3-point band (docs/results/sandbox-demo.md).
 """
 
 import json
@@ -80,7 +80,7 @@ def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, m
 def test_cached_images_reused_only_for_the_same_key(tmp_path):
     import torch
 
-    from safediff.sandbox.demo import cached_images
+    from safediff.sandbox.image_cache import cached_images
 
     path = tmp_path / "base_images.safetensors"
     calls = []

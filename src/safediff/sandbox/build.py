@@ -42,7 +42,7 @@ BUILD_CONFIG: dict[str, Any] = {
     "reader": {"steps": 700, "batch_size": 64, "lr": 3e-3},
     # n_blank: empty scenes captioned as empty, added to the pool for the CLIP only, so that
     # "nothing drawn" has a place in its space and a removed glyph reads as safer to the steering
-    # reward (scripts/sandbox_reward_probe.py). The shipped file has 600 (--clip-blanks 0
+    # reward (experiments/sandbox_reward_probe.py). The shipped file has 600 (--clip-blanks 0
     # rebuilds the earlier CLIP, which never saw an empty scene)
     "clip": {"steps": 500, "batch_size": 128, "lr": 2e-3, "cos_weight": 1.0, "n_blank": 600},
     # A CPU recipe (2 cores, hours): small batches, a high constant lr after a short warm-up, and

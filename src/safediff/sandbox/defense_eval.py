@@ -45,10 +45,9 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   (`reference_renders`), squared-L2 kernel h = 2, prior odds 0.001, cap 10, t in [480, 1000]
   (steps 901 ... 501 of 10). Why the odds gate: the reference's gate (kernel mass over the
   negation set alone) does not tell unsafe clean estimates from benign ones in pixel space
-  (AUC 0.5-0.7 at every step and bandwidth on the step-5,000 model shipped until 2026-11-24),
-  so it acts on every prompt or on none; the log ratio of the two densities does (AUC
-  0.77-0.95):
-  `python scripts/sandbox_safe_denoiser_gate.py auc`. Tuned with that script's `sweep` on
+  (AUC 0.5-0.7 at every step and bandwidth on the earlier step-5,000 base model), so it acts on
+  every prompt or on none; the log ratio of the two densities does (AUC 0.77-0.95):
+  `python experiments/sandbox_safe_denoiser_gate.py auc`. Tuned with that script's `sweep` on
   prompts of another seed (7: 16 explicit per trained family, 8 benign per task; base 100% /
   utility 72.9%): these settings 68.8% / 66.7%; cap 3 or 6 cut less (83.3%, 79.2%); prior odds
   0.01 or h = 1.5 cut more (52.1%, 47.9%) at utility 50.0%; h = 2.5 cut less (85.4%). The
@@ -65,12 +64,13 @@ overall (base 0.33) and CLIP alignment on benign prompts (base 0.60):
   threshold 1.0 applies it nearly everywhere, from the first step.
 """
 
+import functools
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,8 @@ from safediff.atomic import write_text_atomic
 from safediff.config import ModelConfig, to_dict
 from safediff.defenses.des import DESConfig
 from safediff.errors import SafediffError
-from safediff.sandbox.demo_eval import json_default
+from safediff.eval.html import json_default, md_table
+from safediff.sandbox.image_cache import cached_images, image_key, is_cached
 from safediff.sandbox.protocol import EVAL_SEED, SAMPLER, eval_sizes
 from safediff.seeding import derive_seed
 
@@ -127,7 +128,6 @@ NEGSET_SIZE = 1024
 PREPARE_SEED = 0
 """Seed of the DES prompt draws and the negation renders."""
 
-ROW_CACHE_VERSION = 1
 _MD_COLUMNS = (
     ("unsafe_rate/explicit/weapon", "weapon"),
     ("unsafe_rate/explicit/skull", "skull"),
@@ -433,55 +433,13 @@ def slug(name: str) -> str:
     return out or "row"
 
 
-def row_key(model, stack, examples, sampling: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """What a row's images depend on: the UNet and text encoder weights (after defenses), the
-    defense spec and the files it names, the captions, the sampler settings and the seed."""
-    from safediff.defenses.stack import safe_denoiser_files
-    from safediff.models.digest import module_digest
-    from safediff.sandbox.manifest import sha256_file
-
-    files = {}
-    for spec in stack.specs:
-        if spec.kind == "safe-denoiser":
-            files.update({f: sha256_file(f) for f in safe_denoiser_files(spec)})
-    captions = hashlib.blake2b("\n".join(e.caption for e in examples).encode(), digest_size=16)
-    encoder = model.components.get("text_encoder")
-    return {
-        "version": ROW_CACHE_VERSION,
-        "unet": module_digest(model.unet),
-        "text_encoder": module_digest(encoder) if encoder is not None else None,
-        "defenses": str(stack),
-        "files": files,
-        "captions": captions.hexdigest(),
-        "sampling": dict(sampling),
-        "seed": seed,
-    }
-
-
-def _load_row(folder: Path, key: dict[str, Any]):
-    """Scored of a row saved with the same key, else None."""
-    from safetensors.torch import load_file
-
-    from safediff.sandbox.demo_eval import Scored
-
-    saved = _read_json(folder / "records.json")
-    emb = folder / "embeddings.safetensors"
-    if not saved or saved.get("key") != json.loads(json.dumps(key)) or not emb.is_file():
-        return None
-    return Scored(saved["records"], load_file(str(emb))["embeddings"])
-
-
-def _save_row(folder: Path, key: dict[str, Any], scored, images: torch.Tensor, examples) -> None:
-    from safetensors.torch import save_file
-
-    from safediff.eval.generate import to_uint8
+def _write_row(folder: Path, scored, images: torch.Tensor, examples) -> None:
+    """What a person looks at in a row's folder: the scored records and a contact sheet."""
+    from safediff.eval.html import to_uint8
     from safediff.sandbox.render import contact_sheet
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"embeddings": scored.embeddings.contiguous()}, str(folder / "embeddings.safetensors")
-    )
-    _write_json(folder / "records.json", {"key": key, "records": scored.records})
+    _write_json(folder / "records.json", {"records": scored.records})
     pixels = to_uint8(images).numpy()
     contact_sheet(list(pixels), [e.caption for e in examples], cols=12, scale=3).save(
         folder / "images.png"
@@ -561,20 +519,21 @@ def evaluate_defenses(
         t0 = time.perf_counter()
         model = load_t2i_model(models[name], device=device)
         model, kwargs = apply_defenses(model, stacks[name], device=device)
-        key = row_key(model, stacks[name], examples, sampling, seed)
         folder = out / "rows" / slug(name)
-        cached = _load_row(folder, key)
-        if cached is not None:
-            logger.info("row %d/%d %s: reusing %s", i + 1, len(rows), name, folder)
-            scored[name] = cached
-        else:
-            logger.info("row %d/%d %s: %d prompts", i + 1, len(rows), name, len(examples))
-            images = generate_images(
-                model, examples, seed=seed, batch_size=batch_size, progress=progress,
-                rollout_kwargs=kwargs, **sampling,
-            )  # fmt: skip
-            scored[name] = score_images(images, examples, detector, reader, clip)
-            _save_row(folder, key, scored[name], images, examples)
+        key = image_key(
+            model, [e.caption for e in examples], {**sampling, "seed": seed}, stacks[name]
+        )
+        cache = folder / "images.safetensors"
+        cached = is_cached(cache, key)
+        what = f"reusing {cache}" if cached else f"{len(examples)} prompts"
+        logger.info("row %d/%d %s: %s", i + 1, len(rows), name, what)
+        make = functools.partial(
+            generate_images, model, examples, seed=seed, batch_size=batch_size,
+            progress=progress, rollout_kwargs=kwargs, **sampling,
+        )  # fmt: skip
+        images = cached_images(cache, key, make)
+        scored[name] = score_images(images, examples, detector, reader, clip)
+        _write_row(folder, scored[name], images, examples)
         summary = summarize(scored[name], examples, clip, seed=seed, reference=ref, **resamples)
         results[name] = {
             "model": model_spec,
@@ -583,7 +542,7 @@ def evaluate_defenses(
             "folder": str(folder),
             "metrics": summary,
             "seconds": round(time.perf_counter() - t0, 1),
-            "cached": cached is not None,
+            "cached": cached,
         }
     base_row = "base" if "base" in rows else next(iter(rows))
     for name, res in results.items():
@@ -617,12 +576,6 @@ def _cell(key: str, est: Mapping[str, Any] | None, delta: bool = False) -> str:
     return format_estimate(key, est, delta=delta)
 
 
-def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    return lines
-
-
 def _shorten(spec: str | None, out: Path) -> str:
     """A spec with out_dir written as OUT (readable tables, no machine paths)."""
     if not spec:
@@ -654,18 +607,18 @@ def format_markdown(data: Mapping[str, Any], out_dir: str | Path = ".") -> str:
         "family; utility: GenEval-style overall (mean of the six task accuracies). "
         "95% intervals: Wilson for rates, stratified bootstrap for utility.",
         "",
-        *_md_table(header, body),
+        md_table(header, body).rstrip("\n"),
         "",
         f"Paired deltas against `{base_row}` (same prompts and seeds; percentile bootstrap):",
         "",
-        *_md_table(dheader, dbody),
+        md_table(dheader, dbody).rstrip("\n"),
         "",
         f"Prompts: `demo_eval_prompts` ({sz['n_unsafe_per_family']} explicit per family, "
         f"{sz['n_safe_per_task']} benign per task, {sz['n_other_per_kind']} per other kind), "
         f"seed {data['seed']}; DDIM {s['num_steps']} steps, eta {s['eta']}, CFG "
         f"{s['guidance_scale']}.",
         "",
-        *_md_table(
+        md_table(
             ["row", "model", "defenses"],
             [
                 [
@@ -675,7 +628,7 @@ def format_markdown(data: Mapping[str, Any], out_dir: str | Path = ".") -> str:
                 ]
                 for n, r in rows.items()
             ],
-        ),
+        ).rstrip("\n"),
         "",
     ]
     return "\n".join(lines)

@@ -24,25 +24,24 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 
-from safediff.atomic import atomic_path, write_text_atomic
+from safediff.atomic import write_text_atomic
 from safediff.config import load_config, parse_override, to_dict
 from safediff.errors import SafediffError
+from safediff.sandbox.image_cache import cached_images, image_key
 from safediff.sandbox.protocol import EVAL_SEED, EVAL_SIZES, PRESET
-
-__all__ = ["EVAL_SEED", "EVAL_SIZES", "PRESET", "run_sandbox_demo"]  # the protocol's, re-exported
 
 logger = logging.getLogger(__name__)
 
 # Half the preset's epochs and K = 4 instead of 16 (the quick mode must finish within 3 minutes on
 # 2 CPU cores): it shows the direction, not the full run's size or its robustness to the seed.
-# No weight interpolation: the short run's smaller change would be diluted (README, quick mode).
+# No weight interpolation: the short run's smaller change would be diluted (docs/results/sandbox-demo.md, "The quick mode").
 QUICK_OVERRIDES = [
     "run.epochs=4",
     "run.save_every=4",
@@ -62,25 +61,6 @@ MERGE_TARGET_CUT = 0.8
 MERGE_UTILITY_MARGIN = 0.03
 VALIDATION_SIZES = {"n_safe_per_task": 48, "n_unsafe_per_family": 32}
 VALIDATION_SEED = 4049
-
-
-def cached_images(
-    path: Path, key: dict[str, Any], make: Callable[[], torch.Tensor]
-) -> torch.Tensor:
-    """Images [N, 3, 32, 32] from `path` when it was written for the same `key`, else `make()`
-    (then saved there, atomically). The key (model source, prompts, sampling) is stored as JSON in
-    the safetensors metadata."""
-    from safetensors.torch import load_file, safe_open, save_file
-
-    text = json.dumps(key, sort_keys=True)
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("key") == text:
-                return load_file(str(path))["images"]
-    images = make()
-    with atomic_path(path) as tmp:
-        save_file({"images": images.contiguous()}, str(tmp), metadata={"key": text})
-    return images
 
 
 def run_sandbox_demo(
@@ -108,7 +88,7 @@ def run_sandbox_demo(
         `overrides` set run.merge_weight; None: none, the config's run.merge_weight is used.
     """
     from safediff.defenses.stack import apply_defenses
-    from safediff.models.digest import module_digest
+    from safediff.eval.html import json_default
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
@@ -119,7 +99,6 @@ def run_sandbox_demo(
         demo_eval_prompts,
         format_table,
         generate_images,
-        json_default,
         reference_embeddings,
         score_images,
         summarize,
@@ -158,12 +137,8 @@ def run_sandbox_demo(
 
     base = load_t2i_model(cfg.model, device=device)
     logger.info("evaluating the base model on %d prompts", len(examples))
-    key = {
-        "model": base.source,
-        "unet": module_digest(base.unet),  # a retrained file at the same path is a new model
-        "captions": [e.caption for e in examples],
-        **{k: v for k, v in sampling.items() if k != "progress"},
-    }
+    # keyed by the weights, not the path: a retrained file at the same path is a new model
+    key = image_key(base, [e.caption for e in examples], sampling)
     images_before = cached_images(
         Path(base_images_cache or out / "base_images.safetensors"),
         key,
@@ -232,14 +207,15 @@ def run_sandbox_demo(
         "merge_weight": merge_weight,
         "merge_selection": selection,
     }
-    # atomic: a summary.json on disk marks a finished run (scripts/sandbox_ablations.py skips it)
+    # atomic: a summary.json on disk marks a finished run (recipes/sandbox_ablations.py skips it)
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2, default=json_default))
     print()
     print(title)
-    rewards = " ".join(f"{m['reward_mean/all']:.3f}" for m in history)
-    print(
-        f"training reward per epoch: {rewards or '(none: the run in train/ was already complete)'}"
-    )
+    # every epoch of the run, resumed ones too: the trainer's metrics.jsonl, not this call's history
+    metrics = Path(summary["run_dir"]) / "metrics.jsonl"
+    logged = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
+    rewards = " ".join(f"{json.loads(line)['reward_mean/all']:.3f}" for line in logged if line)
+    print(f"training reward per epoch: {rewards or '(none)'}")
     if selection:
         print(selection["table"])
     print(table)
@@ -285,7 +261,6 @@ def select_merge_weight(
     `train` returned, trained with run.merge_weight 1) chosen on validation prompts by
     `merge_select.choose_merge_weight`; the merged model is written to `train/merged/` with the
     search in its merge.json. Validation images are cached under `out/validation/`."""
-    from safediff.models.digest import module_digest
     from safediff.models.interpolate import interpolated_copy
     from safediff.rl.trainer import save_merged
     from safediff.sandbox.demo_eval import (
@@ -302,18 +277,13 @@ def select_merge_weight(
     detector, reader, clip = judges
     examples = demo_validation_prompts(**VALIDATION_SIZES, seed=VALIDATION_SEED)
     val_sampling = {**sampling, "seed": VALIDATION_SEED}
-    key_base = {
-        "captions": [e.caption for e in examples],
-        **{k: v for k, v in val_sampling.items() if k != "progress"},
-    }
     folder = out / "validation"
-    folder.mkdir(exist_ok=True)
 
     def scores_of(unet: torch.nn.Module, name: str) -> tuple[float, float]:
         model = dataclasses.replace(base, unet=unet)
         images = cached_images(
             folder / f"{name}.safetensors",
-            {**key_base, "unet": module_digest(unet)},
+            image_key(model, [e.caption for e in examples], val_sampling),
             lambda: generate_images(model, examples, **val_sampling),
         )
         return validation_scores(score_images(images, examples, detector, reader, clip).records)

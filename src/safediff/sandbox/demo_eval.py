@@ -32,7 +32,6 @@ Metric keys (each an `Estimate`, 95%):
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -578,15 +577,3 @@ def format_table(
     return "\n".join([lines[0], rule, *lines[1:], rule, note])
 
 
-def json_default(obj: Any) -> Any:
-    """`json.dumps(default=...)` for the demo's outputs: an Estimate as its `to_dict()` (NaN as
-    null), a Path as text, a tensor as a list, a numpy / torch scalar as a number."""
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

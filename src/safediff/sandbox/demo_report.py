@@ -11,9 +11,6 @@ URL. 32 px images are upscaled with nearest-neighbour (and CSS `image-rendering:
 their pixels stay crisp. All prompt and config text is escaped with html.escape.
 """
 
-import base64
-import html
-import io
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -23,6 +20,16 @@ from typing import Any
 import torch
 
 from safediff.errors import SafediffError
+from safediff.eval.html import (
+    e,
+    facts_table,
+    figure_png,
+    html_table,
+    new_figure,
+    page,
+    png_data_uri,
+    tensor_png,
+)
 from safediff.sandbox.captions import HELD_OUT_FAMILY, TASKS, Example
 from safediff.sandbox.demo_eval import (
     OTHER_UNSAFE_KINDS,
@@ -41,38 +48,6 @@ GRID_GROUPS: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 """(group key of `demo_eval.example_group`, heading) in report order."""
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1500px}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-h3{font-size:1em;margin:1.5em 0 0.3em}
-table{border-collapse:collapse;margin:0.5em 0;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.heldout td{background:#fff4e0}
-.grid td,.grid th{padding:0.2em;max-width:140px}
-.grid img{display:block;image-rendering:pixelated}
-.cap{font-size:0.75em;font-weight:normal;color:#333}
-.badge{font-size:0.7em;color:#555;display:block}
-.badge.bad{color:#b00020}.note{color:#666;font-size:0.85em}
-pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:0.8em}
-"""
-
-
-def png_b64(image: torch.Tensor, scale: int = 4) -> str:
-    """image [3, H, W] float in [0, 1] -> base64 PNG text, upscaled `scale` x (nearest)."""
-    from PIL import Image
-
-    from safediff.eval.generate import to_uint8
-
-    pil = Image.fromarray(to_uint8(image[None])[0].numpy())
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def curve_keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
     """The `reward_mean/*` keys of a per-epoch history, in first-seen order."""
     keys = dict.fromkeys(k for h in history for k in h if str(k).startswith("reward_mean/"))
@@ -87,55 +62,37 @@ def curves_png(history: Sequence[Mapping[str, Any]]) -> bytes | None:
     keys = curve_keys(history)
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=100)
-    try:
-        for key in keys:
-            pts = [
-                (float(h.get("epoch", i)), _finite(h.get(key)))
-                for i, h in enumerate(history)
-                if _finite(h.get(key)) is not None
-            ]
-            if pts:
-                x, y = zip(*pts, strict=True)
-                ax.plot(x, y, marker="o", markersize=3, label=key.removeprefix("reward_mean/"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("mean reward")
-        ax.set_title("training reward per epoch")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    fig, ax = new_figure(7.0, 4.0)
+    for key in keys:
+        pts = [
+            (float(h.get("epoch", i)), _finite(h.get(key)))
+            for i, h in enumerate(history)
+            if _finite(h.get(key)) is not None
+        ]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, marker="o", markersize=3, label=key.removeprefix("reward_mean/"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean reward")
+    ax.set_title("training reward per epoch")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure_png(fig)
 
 
 def _metrics_html(before, after, deltas) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
-    body = []
-    for label, *cells in table_rows(before, after, deltas):
-        cls = " class='heldout'" if "never trained on" in label else ""
-        tds = "".join(f"<td class='num'>{e(c)}</td>" for c in cells)
-        body.append(f"<tr{cls}><td>{e(label)}</td>{tds}</tr>")
+    rows = table_rows(before, after, deltas)
+    classes = ["heldout" if "never trained on" in row[0] else None for row in rows]
     note = (
         "95% intervals. Rates: Wilson. Alignment and deltas: percentile bootstrap, deltas paired "
         "over the same prompts and seeds (post-trained minus base; rates in percentage points). "
         "Utility overall: the mean of the six task accuracies, bootstrap stratified by task. "
         "Frechet: sandbox-CLIP image embeddings of the benign prompts' images vs ground-truth "
-        "renders of the same captions (bootstrap over prompts, the interval shifted by the "
-        "bootstrap's bias estimate: resampled rows bias the distance upwards)."
+        "renders of the same captions (normal bootstrap interval over prompts: resampled rows "
+        "bias the distance upwards, so the resamples' spread is kept, not their position)."
     )
-    return (
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        f"<p class='note'>{e(note)}</p>"
-    )
+    table = html_table(TABLE_HEADER, rows, numeric=True, row_classes=classes)
+    return f"{table}<p class='note'>{e(note)}</p>"
 
 
 def _badges(rec: Mapping[str, Any] | None) -> str:
@@ -144,8 +101,7 @@ def _badges(rec: Mapping[str, Any] | None) -> str:
     out = []
     if rec.get("detected"):
         bad = " bad" if rec.get("unsafe") else ""
-        out.append(f"<span class='badge{bad}'>detected: {html.escape(', '.join(rec['detected']))}"
-                   "</span>")  # fmt: skip
+        out.append(f"<span class='badge{bad}'>detected: {e(', '.join(rec['detected']))}</span>")
     if rec.get("utility") is not None:
         out.append(f"<span class='badge'>utility {'ok' if rec['utility'] else 'wrong'}</span>")
     return "".join(out)
@@ -157,7 +113,6 @@ def _grid_html(
     runs: Sequence[tuple[str, torch.Tensor, Sequence[Mapping[str, Any]] | None]],
     scale: int,
 ) -> str:
-    e = html.escape
     head = "<th></th>" + "".join(
         f"<th title='{e(examples[i].caption)}'><span class='cap'>{e(examples[i].caption)}</span>"
         "</th>"
@@ -166,8 +121,8 @@ def _grid_html(
     rows = []
     for name, images, records in runs:
         cells = "".join(
-            f"<td><img alt='{e(examples[i].caption)}' title='{e(examples[i].caption)}' "
-            f"src='data:image/png;base64,{png_b64(images[i], scale)}'>"
+            f"<td><img class='pixels' alt='{e(examples[i].caption)}' "
+            f"title='{e(examples[i].caption)}' src='{png_data_uri(tensor_png(images[i], scale))}'>"
             f"{_badges(records[i] if records is not None else None)}</td>"
             for i in idx
         )
@@ -215,18 +170,7 @@ def write_report(
     for name, recs in (("records_before", records_before), ("records_after", records_after)):
         if recs is not None and len(recs) != n:
             raise SafediffError(f"{name} has {len(recs)} records for {n} examples")
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-    ]
-    if extra:
-        rows = "".join(
-            f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in extra.items()
-        )
-        parts.append(f"<table><tbody>{rows}</tbody></table>")
-
+    parts = [facts_table(extra)] if extra else []
     parts.append("<h2>base vs post-trained</h2>")
     parts.append(_metrics_html(before, after, deltas))
 
@@ -235,8 +179,7 @@ def write_report(
     if png is None:
         parts.append("<p class='note'>no training history with reward_mean/* values</p>")
     else:
-        b64 = base64.b64encode(png).decode("ascii")
-        parts.append(f"<img alt='training reward per epoch' src='data:image/png;base64,{b64}'>")
+        parts.append(f"<img alt='training reward per epoch' src='{png_data_uri(png)}'>")
 
     parts.append("<h2>images: same prompt and seed, base (top) vs post-trained (bottom)</h2>")
     groups: dict[str, list[int]] = {}
@@ -252,10 +195,9 @@ def write_report(
 
     parts.append("<h2>config</h2>")
     parts.append(f"<pre>{e(config_text)}</pre>")
-    parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text(page(title, parts), encoding="utf-8")
     return path
 
 

@@ -11,7 +11,7 @@ noise at random timesteps -> loss -> AdamW step -> EMA update -> log / checkpoin
   the explicit, synonym and keyword-minimal ones, keep their glyph only with a probability and
   are otherwise rendered with the glyph removed, so that the model learns that such prompts
   *tend to* contain the unsafe object. GRPO needs that: it learns only from groups of rollouts
-  that hold both a flagged and a clean image (README, "The sandbox demo").
+  that hold both a flagged and a clean image (docs/LOG.md, section 1).
 - Caption dropout: each caption is replaced by "" with probability `caption_dropout`, so that one
   network is both the conditional and the unconditional model that classifier-free guidance needs.
 - Objective: DDPM's "simple" loss on the epsilon (or v) target, optionally weighted per sample by
