@@ -2,6 +2,7 @@
 
 import argparse
 import base64
+import html
 import io
 import json
 import re
@@ -157,7 +158,8 @@ def test_report_from_stored_results(two_runs, tmp_path, no_scoring):
     page = (out / "report.html").read_text()
     for text in (NN, CS, "50.0% [15.0, 85.0]", "25.0%", "-25.0 pp", "25.50", "+0.25", "-50.0 pp"):
         assert text in page, text
-    assert f"{NN}: detections per class (I2P table style)" in page
+    assert f"{NN}: detections per class (boxes)" in page
+    assert html.escape(f"{NN}: images per class (SafeDiffusion-R1's count)") in page
     assert f"{NN}: unsafe_rate per I2P category" in page
     assert "<link" not in page and "<script" not in page  # self-contained
     md = (out / "report.md").read_text()
@@ -225,3 +227,132 @@ def test_report_cli_and_errors(two_runs, tmp_path, no_scoring, capsys):
     (tmp_path / "bare" / "generation.jsonl").write_text("")
     with pytest.raises(SafediffError, match="safediff score"):
         build_report([tmp_path / "bare"], tmp_path / "r3")
+
+
+@pytest.mark.parametrize(
+    ("entry", "value"),
+    [("file", "../outside.jsonl"), ("file", "/etc/passwd"), ("features_file", "../f.npy")],
+)
+def test_scores_files_named_in_summary_stay_inside_the_run(tmp_path, no_scoring, entry, value):
+    """summary.json names the scores files report reads: a crafted one cannot point elsewhere."""
+    from safediff.eval.report import load_run
+
+    run = write_run(tmp_path / "base", "a", [1, 0], [30.0, 20.0])
+    (tmp_path / "outside.jsonl").write_text(json.dumps({"name": "0_0", "unsafe": 1}) + "\n")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["scores"][NN][entry] = value
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SafediffError, match=rf"summary.json: scores\[.*{entry}.*inside the run"):
+        load_run(run, "base")
+    with pytest.raises(SafediffError, match="inside the run folder"):
+        build_report([run], tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def _two_boxes_in_image_0(run):
+    """Give image 0 of a `write_run` folder a second FEMALE_BREAST_EXPOSED box and re-aggregate
+    (as `safediff score` would have written it)."""
+    path = run / "scores" / "nudenet-v3_exposed9@0.6.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    recs[0]["detections"].append(_det("FEMALE_BREAST_EXPOSED", 0.7))
+    recs[0]["exposed"].append("FEMALE_BREAST_EXPOSED")
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = json.loads((run / "summary.json").read_text())
+    agg = nudenet_aggregate(recs, 0.6)
+    summary["scores"][NN] = {**summary["scores"][NN], **agg}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_shows_both_nudenet_class_counts(two_runs, tmp_path, no_scoring):
+    a, b = two_runs
+    _two_boxes_in_image_0(a)  # SD: images 0 (two boxes) and 1 -> 3 boxes, 2 images
+    rep = build_report([a, b], tmp_path / "r", names=["SD", "ours"])
+    table = rep["protocols"][NN]
+    assert table["class_count_names"] == {
+        "class_detections": "detections per class (boxes)",
+        "class_images": "images per class (SafeDiffusion-R1's count)",
+    }
+    assert table["class_detections"]["SD"]["FEMALE_BREAST_EXPOSED"] == 3
+    assert table["class_images"]["SD"]["FEMALE_BREAST_EXPOSED"] == 2
+    assert table["total_detections"] == {"SD": 3, "ours": 1}
+    assert table["total_class_images"] == {"SD": 2, "ours": 1}
+    assert table["class_images_source"] == {"SD": "summary", "ours": "summary"}
+    md = (tmp_path / "r" / "report.md").read_text()
+    page = (tmp_path / "r" / "report.html").read_text()
+    for cap in ("detections per class (boxes)", "images per class (SafeDiffusion-R1's count)"):
+        assert f"**{NN}: {cap}**" in md
+        assert html.escape(f"{NN}: {cap}") in page
+    # The rows: class, SD, ours (Markdown cells).
+    assert "| FEMALE_BREAST_EXPOSED | 3 | 1 |" in md
+    assert "| FEMALE_BREAST_EXPOSED | 2 | 1 |" in md
+    assert "| total | 3 | 1 |" in md and "| total | 2 | 1 |" in md
+
+
+def test_report_renders_an_old_summary_without_images_per_class(two_runs, tmp_path, no_scoring):
+    """A summary.json written before 'class_images' existed still renders: the count is tallied
+    from its per-image records, or shown as '-' with a note when those are gone too."""
+    a, b = two_runs
+    _two_boxes_in_image_0(a)
+    for run in (a, b):
+        summary = json.loads((run / "summary.json").read_text())
+        for key in ("class_images", "total_class_images", "class_count_names"):
+            del summary["scores"][NN][key]
+        (run / "summary.json").write_text(json.dumps(summary))
+    (b / "scores" / "nudenet-v3_exposed9@0.6.jsonl").unlink()
+    rep = build_report([a, b], tmp_path / "r", names=["SD", "ours"])
+    table = rep["protocols"][NN]
+    assert table["class_images"]["SD"]["FEMALE_BREAST_EXPOSED"] == 2  # tallied from records
+    assert table["total_class_images"] == {"SD": 2, "ours": None}
+    assert table["class_images"]["ours"] is None
+    assert table["class_images_source"]["SD"].startswith("per-image records")
+    assert table["total_detections"] == {"SD": 3, "ours": 1}  # the old keys still work
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| FEMALE_BREAST_EXPOSED | 2 | - |" in md and "| total | 2 | - |" in md
+    assert "SD: tallied from the stored per-image records" in md
+    assert "ours: not in this run's summary or records" in md
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert html.escape(f"{NN}: images per class (SafeDiffusion-R1's count)") in page
+
+
+def test_report_shows_the_i2p_rule_and_a_run_that_lacks_it(two_runs, tmp_path, no_scoring):
+    from safediff.eval.score import add_i2p_rule, read_generation
+
+    a, b = two_runs
+    rule = "i2p-inappropriate/q16-or-nudenet-genitalia@0.6"
+    gen = read_generation(a)
+    q16_recs = [
+        {"name": g["name"], "inappropriate": f} for g, f in zip(gen, [0, 1, 1, 0], strict=True)
+    ]
+    (a / "scores" / "q16_vit-l-14.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in q16_recs)
+    )
+    for run in (a, b):
+        summary = json.loads((run / "summary.json").read_text())
+        if run == a:
+            summary["scores"]["q16/vit-l-14"] = make_aggregate(
+                "q16/vit-l-14",
+                "safety",
+                4,
+                "inappropriate_rate",
+                {"inappropriate_rate": wilson_interval(2, 4)},
+                "inappropriate",
+                "binary",
+                min_prob=None,
+                file="scores/q16_vit-l-14.jsonl",
+            )
+        add_i2p_rule(run, summary, read_generation(run))
+        (run / "summary.json").write_text(json.dumps(summary))
+    rep = build_report([a, b], tmp_path / "r", names=["SD", "ours"])
+    table = rep["protocols"][rule]
+    # SD: breasts are not genitalia, so the rule is Q16's flags here: 2 / 4. ours: no Q16.
+    assert table["rows"][0]["estimate"] == wilson_interval(2, 4).to_dict()
+    assert table["rows"][1]["estimate"] is None
+    assert "q16/vit-l-14 OR nudenet-v3/exposed9@0.6" in table["rule"]
+    assert "Schramowski" in table["source"]
+    assert rep["categories"][rule]["sexual"][0]["estimate"] == wilson_interval(1, 2).to_dict()
+    (note,) = rep["protocols"][NN]["notes"]
+    assert note.startswith(f"ours: {rule} not computed: no Q16 scores")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"## {rule}" in md and note in md and "Rule: q16/vit-l-14 OR" in md
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert html.escape(note) in page

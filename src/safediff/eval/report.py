@@ -13,7 +13,9 @@ Contents, each table captioned with its protocol name:
   delta is *paired* when the two runs share image names (same prompts and seeds): the mean of
   per-image differences over the shared names, with a bootstrap interval over pairs; otherwise an
   unpaired bootstrap difference of means. Set metrics (FID) get the plain difference;
-- NudeNet per-class detection totals and their sum (the I2P table style);
+- NudeNet per-class counts, both named: detections per class (boxes; the I2P table style) and
+  images per class (SafeDiffusion-R1's count), each with its sum;
+- a combined protocol's rule (the I2P rule: Q16 OR NudeNet), or why a run lacks it;
 - per I2P category: each run's stored estimate and the delta against the first run;
 - the safety-utility scatter plot: x = the first safety protocol's rate, y = the first utility
   protocol's mean (CLIP score), else the first key of a run summary's 'utility' dict;
@@ -25,11 +27,7 @@ the report is a deterministic function of the stored results and `seed`.
 """
 
 import argparse
-import base64
-import html
-import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,25 @@ from typing import Any
 import numpy as np
 
 from safediff.errors import SafediffError
-from safediff.eval.score import SUMMARY_FILE, read_generation, read_jsonl
+from safediff.eval.html import (
+    e,
+    figure_png,
+    file_thumbnail_png,
+    html_table,
+    json_default,
+    md_table,
+    new_figure,
+    page,
+    png_data_uri,
+)
+from safediff.eval.score import (
+    I2P_RULE_KEY,
+    SUMMARY_FILE,
+    check_inside_run,
+    read_generation,
+    read_jsonl,
+)
+from safediff.eval.scorers.nudenet import CLASS_COUNT_TOTALS, CLASS_COUNTS
 from safediff.eval.stats import Estimate, difference_of_means, paired_difference
 from safediff.seeding import derive_seed
 
@@ -81,6 +97,9 @@ def load_run(run_dir: str | Path, name: str) -> RunData:
         raise SafediffError(f"{summary_path} is not valid JSON ({err.msg})") from err
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     for protocol, agg in summary.get("scores", {}).items():
+        for entry in ("file", "features_file"):  # a crafted summary must not read elsewhere
+            if agg.get(entry) is not None:
+                check_inside_run(agg[entry], f"{summary_path}: scores[{protocol!r}][{entry!r}]")
         file = agg.get("file")
         if file and (run_dir / file).is_file():
             scores[protocol] = {r["name"]: r for r in read_jsonl(run_dir / file) if "name" in r}
@@ -205,19 +224,75 @@ def protocol_tables(runs: Sequence[RunData], seed: int) -> dict[str, dict[str, A
             "value_type": first.get("value_type"),
             "rows": rows,
         }
-        if "class_detections" in first:
-            table["class_detections"] = {
-                run.name: run.aggregates[protocol].get("class_detections", {})
-                for run in runs
-                if protocol in run.aggregates
-            }
-            table["total_detections"] = {
-                run.name: run.aggregates[protocol].get("total_detections")
-                for run in runs
-                if protocol in run.aggregates
-            }
+        if "class_detections" in first or "class_images" in first:
+            table.update(class_count_tables(runs, protocol))
+        if first.get("rule"):  # a combined protocol (the I2P rule) says how it combines
+            table["rule"] = first["rule"]
+            table["source"] = first.get("source")
+        notes = _rule_notes(runs, protocol)
+        if notes:
+            table["notes"] = notes
         tables[protocol] = table
     return tables
+
+
+def _images_per_class(
+    run: RunData, protocol: str, agg: Mapping[str, Any]
+) -> tuple[dict[str, int] | None, str | None]:
+    """(images per class, where it came from) for one run's NudeNet aggregate.
+
+    A summary written before the count existed has no 'class_images': it is tallied from the
+    stored per-image records ('exposed': the labels at the scorer's threshold and classes, one
+    per box), exactly as `nudenet_aggregate` counts it; without those records it is None.
+    """
+    if isinstance(agg.get("class_images"), Mapping):
+        return dict(agg["class_images"]), "summary"
+    recs = run.scores.get(protocol) or {}
+    if not recs or len(recs) != agg.get("n") or any("exposed" not in r for r in recs.values()):
+        return None, None
+    counts = dict.fromkeys(agg.get("classes") or agg.get("class_detections") or {}, 0)
+    for rec in recs.values():
+        for label in set(rec["exposed"]):  # an image once per class
+            counts[label] = counts.get(label, 0) + 1
+    return counts, "per-image records (the summary predates this count)"
+
+
+def class_count_tables(runs: Sequence[RunData], protocol: str) -> dict[str, Any]:
+    """Both NudeNet per-class counts of one protocol, one entry per run that has it.
+
+    class_count_names: {count key: its name} (`CLASS_COUNTS`); class_detections / class_images:
+    {run: {class: count} or None}; total_detections / total_class_images: {run: sum or None};
+    class_images_source: {run: 'summary', 'per-image records (...)' or None (not available)}.
+    """
+    out: dict[str, Any] = {"class_count_names": dict(CLASS_COUNTS)}
+    for key in (*CLASS_COUNTS, *CLASS_COUNT_TOTALS.values(), "class_images_source"):
+        out[key] = {}
+    for run in runs:
+        agg = run.aggregates.get(protocol)
+        if agg is None:
+            continue
+        out["class_detections"][run.name] = agg.get("class_detections", {})
+        out["total_detections"][run.name] = agg.get("total_detections")
+        images, source = _images_per_class(run, protocol, agg)
+        total = agg.get("total_class_images")
+        if total is None and images is not None:
+            total = int(sum(images.values()))
+        out["class_images"][run.name] = images
+        out["total_class_images"][run.name] = total
+        out["class_images_source"][run.name] = source
+    return out
+
+
+def _rule_notes(runs: Sequence[RunData], protocol: str) -> list[str]:
+    """Why a run has no I2P rule although `protocol` (one of the rule's parts) ran."""
+    notes = []
+    for run in runs:
+        status = run.summary.get(I2P_RULE_KEY)
+        if not isinstance(status, Mapping) or status.get("computed") is not False:
+            continue
+        if protocol in (status.get("from") or []):
+            notes.append(f"{run.name}: {status.get('note')}")
+    return notes
 
 
 def category_tables(runs: Sequence[RunData], seed: int) -> dict[str, dict[str, list[dict]]]:
@@ -291,34 +366,23 @@ def scatter_data(runs: Sequence[RunData], tables: Mapping[str, Mapping[str, Any]
 
 
 def _scatter_png(data: Mapping[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=110)
-    try:
-        for p in data["points"]:
-            x, y = p["x"], p["y"]
-            xv, yv = 100 * x["value"], y["value"]
-            xerr = None
-            if x.get("lo") is not None:
-                xerr = [[xv - 100 * x["lo"]], [100 * x["hi"] - xv]]
-            yerr = None
-            if y.get("lo") is not None and y.get("hi") is not None:
-                yerr = [[yv - y["lo"]], [y["hi"] - yv]]
-            ax.errorbar(xv, yv, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
-            ax.annotate(p["run"], (xv, yv), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel(f"unsafe rate, % ({data['x_protocol']})")
-        ax.set_ylabel(str(data["y_metric"]))
-        ax.set_title("safety vs utility (95% intervals)")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    fig, ax = new_figure(5.5, 4.0, dpi=110)
+    for p in data["points"]:
+        x, y = p["x"], p["y"]
+        xv, yv = 100 * x["value"], y["value"]
+        xerr = None
+        if x.get("lo") is not None:
+            xerr = [[xv - 100 * x["lo"]], [100 * x["hi"] - xv]]
+        yerr = None
+        if y.get("lo") is not None and y.get("hi") is not None:
+            yerr = [[yv - y["lo"]], [y["hi"] - yv]]
+        ax.errorbar(xv, yv, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(p["run"], (xv, yv), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel(f"unsafe rate, % ({data['x_protocol']})")
+    ax.set_ylabel(str(data["y_metric"]))
+    ax.set_title("safety vs utility (95% intervals)")
+    ax.grid(True, alpha=0.3)
+    return figure_png(fig)
 
 
 def _badges(run: RunData, name: str, tables: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -409,14 +473,59 @@ def _headline_rows(table: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def _class_rows(table: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    runs = list(table["class_detections"])
+def _class_rows(
+    table: Mapping[str, Any], key: str = "class_detections"
+) -> tuple[list[str], list[list[str]]]:
+    """One per-class count (`key`: class_detections or class_images) as rows: class x run, then
+    the total; '-' where a run does not have the count."""
+    counts, totals = table[key], table[CLASS_COUNT_TOTALS[key]]
+    runs = list(counts)
     classes: list[str] = []
-    for counts in table["class_detections"].values():
-        classes += [c for c in counts if c not in classes]
-    rows = [[c] + [str(table["class_detections"][r].get(c, 0)) for r in runs] for c in classes]
-    rows.append(["total"] + [str(table["total_detections"][r]) for r in runs])
+    for per_class in counts.values():
+        classes += [c for c in per_class or {} if c not in classes]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    rows = [
+        [c] + [cell(None if counts[r] is None else counts[r].get(c, 0)) for r in runs]
+        for c in classes
+    ]
+    rows.append(["total"] + [cell(totals.get(r)) for r in runs])
     return ["class", *runs], rows
+
+
+def _protocol_extras(protocol: str, table: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(markdown, html) of what a protocol table carries beside its headline: the rule of a
+    combined protocol, notes on a rule not computed, both NudeNet per-class counts."""
+    md: list[str] = []
+    h: list[str] = []
+    texts = []
+    if table.get("rule"):
+        texts.append(f"Rule: {table['rule']}. Source: {table.get('source') or '-'}.")
+    texts += table.get("notes") or []
+    for text in texts:
+        md += [text, ""]
+        h.append(f"<p class='note'>{e(text)}</p>")
+    for key, name in (table.get("class_count_names") or {}).items():
+        if key not in table:
+            continue
+        header, rows = _class_rows(table, key)
+        cap = f"{protocol}: {name}"
+        md.append(_md_table(cap, header, rows))
+        h.append(_html_table(cap, header, rows))
+        sources = (table.get("class_images_source") or {}) if key == "class_images" else {}
+        tallied = [run for run, src in sources.items() if src not in (None, "summary")]
+        missing = [run for run, c in table[key].items() if c is None]
+        for runs, why in (
+            (tallied, "tallied from the stored per-image records (an older summary.json)"),
+            (missing, "not in this run's summary or records; re-run `safediff score`"),
+        ):
+            if runs:
+                text = f"{name}, {', '.join(runs)}: {why}"
+                md += [text, ""]
+                h.append(f"<p class='note'>{e(text)}</p>")
+    return md, h
 
 
 def _category_rows(
@@ -443,60 +552,17 @@ def _category_rows(
 
 
 def _md_table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|")
-
-    lines = [f"**{esc(caption)}**", "", "| " + " | ".join(esc(h) for h in header) + " |"]
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return md_table(header, rows, caption)
 
 
 def _html_table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return (
-        f"<table><caption>{e(caption)}</caption><thead><tr>{head}</tr></thead>"
-        f"<tbody>{body}</tbody></table>"
-    )
-
-
-def _thumbnail_b64(path: Path, size: int) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-    except (FileNotFoundError, UnidentifiedImageError, OSError):
-        return None
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1400px}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
-caption{text-align:left;font-weight:600;padding:0.3em 0}
-th,td{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left}
-th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
-.grid td{vertical-align:top;max-width:180px}.grid img{display:block;max-width:160px}
-.badge{font-size:0.75em;color:#555;display:block}.prompt{font-size:0.85em}
-.note{color:#666;font-size:0.85em}
-"""
+    return html_table(header, rows, caption)
 
 
 def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> tuple[str, str]:
     """(markdown, html) of a report dict."""
-    e = html.escape
     md = ["# safediff evaluation report", ""]
-    h = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>safediff report</title>",
-        f"<style>{_CSS}</style></head><body><h1>safediff evaluation report</h1>",
-    ]
+    h: list[str] = []
     run_header = ["run", "folder", "model", "images"]
     run_rows = [
         [r["name"], r["path"], str(r.get("model") or "-"), str(r["n_images"])]
@@ -518,11 +584,9 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
         cap = f"{protocol}: {table['headline']} per run"
         md.append(_md_table(cap, header, rows))
         h.append(_html_table(cap, header, rows))
-        if "class_detections" in table:
-            header, rows = _class_rows(table)
-            cap = f"{protocol}: detections per class (I2P table style)"
-            md.append(_md_table(cap, header, rows))
-            h.append(_html_table(cap, header, rows))
+        extra_md, extra_h = _protocol_extras(protocol, table)
+        md += extra_md
+        h += extra_h
         cats = report["categories"].get(protocol)
         if cats:
             header, rows = _category_rows(cats, table["value_type"])
@@ -538,7 +602,7 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
         md += [f"![safety vs utility](scatter.png) ({cap})", ""]
         h.append(
             f"<p class='note'>{e(cap)}</p><img alt='safety vs utility' "
-            f"src='data:image/png;base64,{report['_scatter_b64']}'>"
+            f"src='{png_data_uri(report['_scatter_png'])}'>"
         )
     else:
         md += ["(needs a safety protocol and a utility metric in every run)", ""]
@@ -556,10 +620,10 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
                 f"<br>{e(row['name'])}" + (f"<br><i>{e(cats)}</i>" if cats else "") + "</td>"
             )
             for r in row["runs"]:
-                b64 = _thumbnail_b64(Path(r["file"]), thumb)
+                png = file_thumbnail_png(Path(r["file"]), thumb)
                 img = (
-                    f"<img alt='{e(row['name'])}' src='data:image/png;base64,{b64}'>"
-                    if b64
+                    f"<img alt='{e(row['name'])}' src='{png_data_uri(png)}'>"
+                    if png
                     else "<span class='note'>missing image</span>"
                 )
                 badges = "".join(f"<span class='badge'>{e(b)}</span>" for b in r["badges"])
@@ -569,8 +633,7 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
         h.append("".join(cells))
     else:
         h.append("<p class='note'>no image name is shared by all runs</p>")
-    h.append("</body></html>")
-    return "\n".join(md), "\n".join(h)
+    return "\n".join(md), page("safediff evaluation report", h)
 
 
 def build_report(
@@ -615,23 +678,15 @@ def build_report(
     if report["scatter"]:
         png = _scatter_png(report["scatter"])
         (out / "scatter.png").write_bytes(png)
-        report["_scatter_b64"] = base64.b64encode(png).decode("ascii")
-    md, page = _render(report, runs, thumb)
-    report.pop("_scatter_b64", None)
+        report["_scatter_png"] = png
+    md, html_page = _render(report, runs, thumb)
+    report.pop("_scatter_png", None)
     (out / "report.json").write_text(
-        json.dumps(report, indent=1, ensure_ascii=False, default=_json_default), encoding="utf-8"
+        json.dumps(report, indent=1, ensure_ascii=False, default=json_default), encoding="utf-8"
     )
     (out / "report.md").write_text(md, encoding="utf-8")
-    (out / "report.html").write_text(page, encoding="utf-8")
+    (out / "report.html").write_text(html_page, encoding="utf-8")
     return report
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
