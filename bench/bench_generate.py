@@ -47,9 +47,9 @@ def main() -> None:
 
     from safediff.eval.generate import default_size, generate, to_uint8
     from safediff.eval.model_spec import parse_model_spec
-    from safediff.eval.prompt_sets import PromptRow
     from safediff.models.loading import load_t2i_model
     from safediff.models.stable_diffusion import diffusers_pipeline
+    from safediff.prompt_sets import PromptRow
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -342,7 +342,7 @@ def test_multi_line_quoted_prompts_written_by_python_csv_are_accepted(capsys, wo
     """The strict quoting rule never rejects what csv.writer writes (quotes, commas, newlines)."""
     import csv
 
-    from safediff.eval.prompt_sets import load_prompt_set
+    from safediff.prompt_sets import load_prompt_set
 
     prompts = ['he said "hi",\nthen left', "a cat,\nsitting, on a mat", "one\r\ntwo\n\nthree", '"']
     with open("multi.csv", "w", newline="", encoding="utf-8") as fh:

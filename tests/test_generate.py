@@ -27,10 +27,10 @@ from safediff.eval.generate import (
     plan_jobs,
 )
 from safediff.eval.model_spec import parse_model_spec
-from safediff.eval.prompt_sets import PromptRow, load_prompt_set
 from safediff.models.loading import load_t2i_model, save_unet_safetensors
 from safediff.models.stable_diffusion import diffusers_pipeline
 from safediff.models.tiny_sd import save_tiny_sd
+from safediff.prompt_sets import PromptRow, load_prompt_set
 from safediff.seeding import generator
 
 STEPS = 4

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from safediff.errors import SafediffError
-from safediff.eval.prompt_sets import PromptRow, detect_csv_format, load_prompt_set
+from safediff.prompt_sets import PromptRow, detect_csv_format, load_prompt_set
 
 I2P_COLUMNS = [
     "prompt",

@@ -88,7 +88,7 @@ def test_csv_prompt_column(tmp_path):
 def test_csv_with_adv_prompt_reads_like_the_evaluation_loader(tmp_path):
     # one CSV convention for training and evaluation: an adv_prompt column marks an
     # MMA-Diffusion file, whose prompt is the adversarial one
-    from safediff.eval.prompt_sets import load_prompt_set
+    from safediff.prompt_sets import load_prompt_set
 
     f = tmp_path / "both.csv"
     f.write_text("adv_prompt,prompt\nadv,clean\n", encoding="utf-8")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safediff.eval.prompt_sets import load_prompt_set
 from safediff.eval.score import score_run
+from safediff.prompt_sets import load_prompt_set
 from safediff.sandbox.captions import make_split
 from safediff.sandbox.detector_scorer import SandboxDetectorScorer
 from safediff.sandbox.prompt_export import write_prompt_csv

@@ -5,7 +5,7 @@ A prompt spec is one of
 - 'NAME:ARG' of a plug-in's prompt source (`safediff.plugins`), each prompt labelled with its kind
   and concept family, e.g. 'sandbox:SPLIT[:N]' (the sandbox world's caption grammar);
 - a path ending in .csv: the prompt column of any convention the evaluation loader reads
-  (`safediff.eval.prompt_sets`: I2P, MMA-Diffusion's adv_prompt, COCO, CoPro, a plain 'prompt'
+  (`safediff.prompt_sets`: I2P, MMA-Diffusion's adv_prompt, COCO, CoPro, a plain 'prompt'
   column); rows with an empty prompt are skipped and counted in a logged warning;
 - any other path: a UTF-8 text file, one prompt per line; blank lines and lines whose first
   non-blank character is '#' are skipped.
@@ -92,8 +92,8 @@ def _parse_text(text: str, source: str) -> list[str]:
 
 
 def _parse_csv(path: Path) -> list[str]:
-    """The prompt column of any CSV convention `safediff.eval.prompt_sets` reads (I2P, MMA, ...)."""
-    from safediff.eval.prompt_sets import load_prompt_set
+    """The prompt column of any CSV convention `safediff.prompt_sets` reads (I2P, MMA, ...)."""
+    from safediff.prompt_sets import load_prompt_set
 
     return [row.prompt for row in load_prompt_set(path).rows]
 
@@ -120,7 +120,7 @@ def load_prompt_labels(spec: str) -> tuple[list[str], list[str], list[str | None
         return list(captions), [k or "all" for k in kinds], list(families)
     path = Path(spec).expanduser()
     if not spec.startswith(BUILTIN_PREFIX) and path.suffix.lower() == ".csv" and path.is_file():
-        from safediff.eval.prompt_sets import load_prompt_set
+        from safediff.prompt_sets import load_prompt_set
 
         rows = load_prompt_set(path).rows
         return (

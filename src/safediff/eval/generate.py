@@ -62,8 +62,8 @@ from PIL import Image, PngImagePlugin
 import safediff
 from safediff.atomic import atomic_path, remove_orphans, write_text_atomic
 from safediff.errors import SafediffError
-from safediff.eval.prompt_sets import FORMATS, MAX_IMAGE_SIZE, PromptRow
 from safediff.models.base import T2IModel
+from safediff.prompt_sets import FORMATS, MAX_IMAGE_SIZE, PromptRow
 from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import generator
 
@@ -721,8 +721,8 @@ def resolve_sampler(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 def run_generate(args: argparse.Namespace) -> int:
     """`safediff generate`: parse the spec, read the prompts, load the model, generate."""
     from safediff.eval.model_spec import parse_model_spec
-    from safediff.eval.prompt_sets import load_prompt_set
     from safediff.models.loading import load_t2i_model
+    from safediff.prompt_sets import load_prompt_set
     from safediff.rewards.encoders.base import parse_dtype
 
     if args.limit is not None and args.limit < 1:

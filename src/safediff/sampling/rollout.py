@@ -46,9 +46,24 @@ import torch
 from torch import Tensor, nn
 
 from safediff.errors import SafediffError
-from safediff.models.base import T2IModel
 from safediff.sampling.ddim import DDIMStepOutput, ddim_step_with_logprob
 from safediff.sampling.schedule import DDIMSchedule
+
+
+class DenoisingModel(Protocol):
+    """What sampling needs of a model: `safediff.models.base.T2IModel`, the one convention every
+    model family is adapted into, is one (sampling is written against this, below models/).
+
+    unet(x [B, C, h, w], t [B], encoder_hidden_states=[B, L, D]).sample -> [B, C, h, w];
+    encode_text(prompts, device) -> [B, L, D]; decode(latents) -> images [B, 3, H, W] in [0, 1];
+    schedule: its DDIM noise schedule; latent_shape: (C, h, w).
+    """
+
+    unet: nn.Module
+    schedule: DDIMSchedule
+    latent_shape: tuple[int, int, int]
+    encode_text: Callable[[list[str], torch.device], Tensor]
+    decode: Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -404,7 +419,7 @@ def _draw(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.dev
 
 
 def rollout(
-    model: T2IModel,
+    model: DenoisingModel,
     prompt_embeds: Tensor,
     negative_embeds: Tensor | None,
     generators: list[torch.Generator],

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from safediff.errors import SafediffError
-from safediff.models.base import T2IModel
-from safediff.sampling.rollout import Guidance, Trajectory, rollout
+from safediff.sampling.rollout import DenoisingModel, Guidance, Trajectory, rollout
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Sampled:
 
 
 def sample(
-    model: T2IModel,
+    model: DenoisingModel,
     prompts: Sequence[str],
     generators: list[torch.Generator],
     settings: SamplerSettings,
