@@ -27,7 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
-    "export": ("safediff.models.export_cli", "add_export_parser", "diffusers folder + model card"),
+    "export": ("safediff.export_cli", "add_export_parser", "diffusers folder + model card"),
 }
 TINY_SD_WORLD = "tiny-sd"
 

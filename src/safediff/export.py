@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -208,7 +209,8 @@ def read_run_records(
         des_config = des_file.read_text(encoding="utf-8") if des_file.is_file() else None
     merge = None
     if cfg is not None and cfg.unet_weights:
-        merge_file = Path(cfg.unet_weights).parent.parent / MERGE_INFO  # merged/unet -> merged/
+        weights = Path(cfg.unet_weights)  # merged/unet or merged/unet/<weights file>
+        merge_file = (weights if weights.is_dir() else weights.parent).parent / MERGE_INFO
         merge = _read_json(merge_file) if merge_file.is_file() else None
     return RunRecords(run_dir, config_text, metrics, evaluations, des_config, merge)
 
@@ -259,6 +261,8 @@ def model_card(
     xl = is_sdxl_components({**model.components, "unet": model.unet})
     pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     sampler, sampler_source = sampler_defaults(spec, cfg)
+    if records.run_dir is not None:  # sampler_source names the file by its local path
+        sampler_source = "the run's training sampler (`sampling` in its config.yaml)"
     side = model.latent_shape[1] * vae_scale_factor(model.components["vae"])
     encoder = "the base model's"
     if text_encoder is not None:
@@ -282,8 +286,9 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"A {'Stable Diffusion XL' if xl else 'Stable Diffusion'} model post-trained for safety "
-        f"with safediff (GRPO), exported by `safediff export` (safediff {safediff.__version__}).",
+        f"A {'Stable Diffusion XL' if xl else 'Stable Diffusion'} model"
+        + (" post-trained for safety with safediff (GRPO)," if records.run_dir else "")
+        + f" exported by `safediff export` (safediff {safediff.__version__}).",
         "",
         "## Weights",
         "",
@@ -299,7 +304,9 @@ def model_card(
         "",
         *_usage(pipeline, where, sampler, side, model.latent_shape),
         "",
-        f"Sampler settings: {sampler_source}.",
+        f"Sampler settings: {sampler_source}. With eta 0 and these latents (safediff's x_T for "
+        "the seed) the pipeline makes the image safediff makes; eta > 0 draws each step's noise "
+        "from the pipeline's own generator instead.",
         "",
         "## Training config",
         "",
@@ -467,9 +474,7 @@ def _is_hub_id(text: str) -> bool:
 
 
 def _finite(x: Any) -> bool:
-    return (
-        isinstance(x, int | float) and not isinstance(x, bool) and abs(x) != float("inf") and x == x
-    )
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _num(x: Any) -> str:

@@ -1,5 +1,5 @@
 """`safediff export RUN --out DIR`: a trained model as a diffusers pipeline folder + model card,
-optionally pushed to the Hugging Face hub (see `safediff.models.export`)."""
+optionally pushed to the Hugging Face hub (see `safediff.export`)."""
 
 import argparse
 from typing import Any
@@ -64,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
     """`safediff export`: write the folder, then push it when asked."""
     import torch
 
-    from safediff.models.export import check_repo_id, export_pipeline, push_to_hub
+    from safediff.export import check_repo_id, export_pipeline, push_to_hub
 
     if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)  # before the export, which can take minutes
