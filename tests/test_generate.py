@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from safediff.config import ModelConfig, TrainConfig, save_config
 from safediff.errors import SafediffError
@@ -260,6 +260,48 @@ def test_images_made_with_other_settings_are_refused_or_overwritten(model, tmp_p
     changed = [dataclasses.replace(rows[0], prompt="another prompt"), rows[1]]
     result = run(model, changed, out, negative_prompt="x")
     assert (result.generated, result.skipped) == (1, 1)
+
+
+def test_scheduler_is_recorded_and_a_rerun_with_another_is_refused(model, tmp_path, capsys):
+    """--scheduler lms: run.json "sampler", each image's metadata and the key name it; a rerun
+    with euler into the folder is refused naming the scheduler, --overwrite regenerates; an image
+    made before schedulers were recorded (DDIM) is not refused, only regenerated."""
+    rows = mixed_rows()[:2]
+    out = tmp_path / "lms"
+    run(model, rows, out, scheduler="lms")
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["sampler"] == "lms" and info["made_with"]["scheduler"] == "lms"
+    for line in (out / "generation.jsonl").read_text(encoding="utf-8").splitlines():
+        with Image.open(out / json.loads(line)["file"]) as im:
+            assert json.loads(im.info["safediff"])["scheduler"] == "lms"
+    lms = image_bytes(out)
+    assert lms != image_bytes(run(model, rows, tmp_path / "ddim").out_dir)  # it did use LMS
+    with pytest.raises(SafediffError, match=r"2 image\(s\) made with other sampler scheduler "):
+        run(model, rows, out, scheduler="euler")
+    assert image_bytes(out) == lms
+    assert run(model, rows, out, scheduler="lms").skipped == 2  # same scheduler: resumes
+    assert run(model, rows, out, scheduler="euler", overwrite=True).generated == 2
+    with pytest.raises(SafediffError, match="unknown scheduler 'nope'; choose one of: ddim, "):
+        run(model, rows, out, scheduler="nope")
+
+    old = tmp_path / "ddim" / "images" / "c0_0.png"  # as safediff wrote it before --scheduler
+    with Image.open(old) as im:
+        meta = json.loads(im.info["safediff"])
+        pixels = im.copy()
+    del meta["scheduler"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("safediff", json.dumps(meta, sort_keys=True))
+    pixels.save(old, pnginfo=info)
+    again = run(model, rows, tmp_path / "ddim")
+    assert (again.generated, again.skipped) == (1, 1)
+
+    argv = ["--model", "tiny-sd", "--prompts", str(tmp_path / "p.txt"), "--steps", "2"]
+    (tmp_path / "p.txt").write_text("a cat\n", encoding="utf-8")
+    argv += ["--device", "cpu", "--no-progress", "--scheduler", "ddpm", "--out"]
+    assert main([*argv, str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "run.json").read_text())["sampler"] == "ddpm"
+    assert main([*argv, str(tmp_path / "cli2"), "--eta", "0.5"]) == 2
+    assert "eta 0.5 is DDIM's" in capsys.readouterr().err
 
 
 def _perturbed_unet(seed_offset: float):

@@ -10,7 +10,9 @@ Layout of an output folder:
 Protocol (as in the papers' evaluation scripts, one difference named below):
 - sampler: DDIM with `num_steps` steps and stochasticity `eta` (default 0: deterministic DDIM),
   classifier-free guidance with `negative_prompt` (default "", the unconditional prompt), through
-  safediff's one sampling entry (`safediff.sampling.sample`), the sampler GRPO trains;
+  safediff's one sampling entry (`safediff.sampling.sample`), the sampler GRPO trains; or another
+  `scheduler` of `safediff.sampling.schedulers.SCHEDULERS` (lms as SafeDiffusion-R1 evaluates,
+  ddpm as the Safe Denoiser paper, euler, dpm++, ...), with the same CFG, seeds and defenses;
 - per row: its own seed, guidance and size are honoured; rows without them take `default_seed +
   row.index`, `default_guidance` and the model's default resolution;
 - seeds: image k of a row starts from CPU generator seed `row_seed + k`, drawing x_T and then one
@@ -24,7 +26,8 @@ Protocol (as in the papers' evaluation scripts, one difference named below):
 Keyed by content: every image carries (a PNG text chunk "safediff") its row's prompt, seed, guidance
 and size and the run's key (`content_key`): digests of the weights it was made with (UNet, text
 encoder, VAE, noise schedule; after defenses), the defense stack and sha256 of the files it names,
-and the sampler settings (steps, eta, negative prompt); run.json records the key as "made_with".
+and the sampler settings (scheduler, steps, eta, negative prompt); run.json records the key as
+"made_with" and the scheduler as "sampler".
 A model path whose weights changed (a run re-merged or retrained) is a different key, so:
 
 - a folder holding images of another key is refused (SafediffError: start fresh in another
@@ -62,9 +65,11 @@ from PIL import Image, PngImagePlugin
 import safediff
 from safediff.atomic import atomic_path, remove_orphans, write_text_atomic
 from safediff.errors import SafediffError
+from safediff.eval.html import to_uint8
 from safediff.models.base import T2IModel
 from safediff.prompt_sets import FORMATS, MAX_IMAGE_SIZE, PromptRow
 from safediff.sampling.sample import SamplerSettings, sample
+from safediff.sampling.schedulers import SCHEDULERS, check_scheduler
 from safediff.seeding import generator
 
 logger = logging.getLogger(__name__)
@@ -254,8 +259,8 @@ def content_key(model: T2IModel, defenses: str | None, sampler: SamplerSettings)
     weights: `module_digest` of the UNet and of every module component (text encoder, VAE, a
     model family's adapters) and a digest of the noise schedule; defenses: the canonical stack
     spec; defense_files: sha256 of each file it names (the Safe Denoiser's negation and
-    reference sets); steps, eta, negative_prompt: the sampler's. Digesting reads every weight
-    once (a few seconds for SD 1.5).
+    reference sets); scheduler, steps, eta, negative_prompt: the sampler's. Digesting reads every
+    weight once (a few seconds for SD 1.5).
     """
     from safediff.defenses.stack import DefenseStack, safe_denoiser_files
     from safediff.models.digest import module_digest
@@ -273,6 +278,7 @@ def content_key(model: T2IModel, defenses: str | None, sampler: SamplerSettings)
         "weights": weights,
         "defenses": str(stack) if stack.specs else "",
         "defense_files": files,
+        "scheduler": sampler.scheduler,
         "steps": sampler.num_steps,
         "eta": sampler.eta,
         "negative_prompt": sampler.negative_prompt,
@@ -282,11 +288,15 @@ def content_key(model: T2IModel, defenses: str | None, sampler: SamplerSettings)
 _KEY_WORDS = {
     "defenses": "defenses",
     "defense_files": "defense files",
+    "scheduler": "sampler scheduler",
     "steps": "sampler steps",
     "eta": "sampler eta",
     "negative_prompt": "negative prompt",
 }
 _WEIGHT_WORDS = {"unet": "UNet weights", "vae": "VAE weights", "schedule": "noise schedule"}
+_KEY_DEFAULTS = {"scheduler": "ddim"}
+"""What an image made before a key part existed was made with (every image before --scheduler was
+DDIM), so such a folder is not refused for it; its images still regenerate on resume."""
 
 
 def _key_differences(made_with: Any, key: Mapping[str, Any]) -> list[str]:
@@ -299,7 +309,11 @@ def _key_differences(made_with: Any, key: Mapping[str, Any]) -> list[str]:
         for name in sorted({*recorded, *wanted}, key=lambda n: (n != "unet", n))
         if recorded.get(name) != wanted.get(name)
     ]
-    return diffs + [words for part, words in _KEY_WORDS.items() if made_with.get(part) != key[part]]
+    return diffs + [
+        words
+        for part, words in _KEY_WORDS.items()
+        if made_with.get(part, _KEY_DEFAULTS.get(part)) != key[part]
+    ]
 
 
 def _made_with(path: Path) -> Any:
@@ -405,17 +419,6 @@ def save_png_atomic(image: Image.Image, path: Path, metadata: str | None = None)
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8 on the CPU (x * 255, rounded)."""
-    return (
-        (images.detach().float().clamp(0, 1) * 255)
-        .round()
-        .to(torch.uint8)
-        .permute(0, 2, 3, 1)
-        .cpu()
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Generation
 
@@ -437,6 +440,7 @@ def generate(
     run_info: Mapping[str, Any] | None = None,
     defenses: str | None = None,
     overwrite: bool = False,
+    scheduler: str = "ddim",
 ) -> GenerationResult:
     """Sample `images_per_prompt` images per row and write them under `out_dir` (module docstring).
 
@@ -451,12 +455,14 @@ def generate(
     overwrite: when `out_dir` holds images made with another `content_key` (other weights,
         defenses or sampler settings), delete them (and the old records and scores) and
         regenerate, instead of raising SafediffError.
+    scheduler: a name of `safediff.sampling.schedulers.SCHEDULERS` ("ddim": safediff's DDIM
+        with `eta`; any other takes eta 0); recorded in run.json ("sampler") and in the key.
     Returns a `GenerationResult`; every process returns the same records and counts.
     """
     if images_per_prompt < 1:
         raise SafediffError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     sampler = SamplerSettings(
-        num_steps, float(eta), float(default_guidance), negative_prompt, batch_size
+        num_steps, float(eta), float(default_guidance), negative_prompt, batch_size, scheduler
     )
     if not rows:
         raise SafediffError("no prompt rows to generate")
@@ -521,7 +527,7 @@ def generate(
             "safediff_version": safediff.__version__,
             "model": model.source,
             **dict(run_info or {}),
-            "sampler": "ddim",
+            "sampler": scheduler,
             "num_steps": num_steps,
             "eta": float(eta),
             "negative_prompt": negative_prompt,
@@ -634,7 +640,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         " (default: the run's training sampler for a safediff run or checkpoint, a plug-in "
         "model's own sampler, else the protocol's 50 steps, eta 0, CFG 7.5)"
     )
-    p.add_argument("--steps", type=int, help="DDIM steps" + sampler_note)
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        help="sampler: ddim (default; safediff's DDIM, the one GRPO trains), or for evaluation "
+        f"{', '.join(n for n in SCHEDULERS if n != 'ddim')} (diffusers' schedulers over the "
+        "model's noise schedule; lms is SafeDiffusion-R1's, ddpm the Safe Denoiser paper's)",
+    )
+    p.add_argument("--steps", type=int, help="sampler steps" + sampler_note)
     p.add_argument("--guidance", type=float, help="CFG scale for rows without one" + sampler_note)
     p.add_argument(
         "--seed",
@@ -644,7 +657,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "must not exceed 2**63 - 1",
     )
     p.add_argument(
-        "--eta", type=float, help="DDIM eta in [0, 1] (0 = deterministic)" + sampler_note
+        "--eta",
+        type=float,
+        help="DDIM eta in [0, 1] (0 = deterministic; other schedulers: 0)" + sampler_note,
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per UNet batch")
     p.add_argument(
@@ -692,11 +707,13 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def resolve_sampler(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    """num_steps, eta, guidance_scale, negative_prompt: each from its option when given, else
-    from `model_spec.sampler_defaults` (the run's training sampler, a plug-in model's own, or the
-    protocol's); logs where the defaults came from."""
+    """scheduler, num_steps, eta, guidance_scale, negative_prompt: each from its option when
+    given, else from `model_spec.sampler_defaults` (the run's training sampler, a plug-in model's
+    own, or the protocol's); eta is 0 for a scheduler other than ddim unless given (then
+    SamplerSettings refuses it). Logs where the defaults came from."""
     from safediff.eval.model_spec import sampler_defaults
 
+    scheduler = check_scheduler(getattr(args, "scheduler", None) or "ddim")
     given = {
         "num_steps": args.steps,
         "eta": args.eta,
@@ -704,18 +721,21 @@ def resolve_sampler(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
         "negative_prompt": args.negative_prompt,
     }
     defaults, source = sampler_defaults(args.model, cfg)
+    if scheduler != "ddim":
+        defaults = {**defaults, "eta": 0.0}  # a training sampler's eta is DDIM's
     sampler = {k: defaults[k] if v is None else v for k, v in given.items()}
     taken = [k for k, v in given.items() if v is None]
     if taken:
         logger.info(
-            "sampler: %d DDIM steps, eta %g, CFG %g (%s from %s)",
+            "sampler: %d %s steps, eta %g, CFG %g (%s from %s)",
             sampler["num_steps"],
+            scheduler,
             sampler["eta"],
             sampler["guidance_scale"],
             ", ".join(taken),
             source,
         )
-    return sampler
+    return {"scheduler": scheduler, **sampler}
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -735,6 +755,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.max_image_size < 8:
         raise SafediffError(f"--max-image-size must be >= 8 pixels, got {args.max_image_size}")
     cfg = parse_model_spec(args.model, args.base)
+    sampler = resolve_sampler(args, cfg)  # a bad --scheduler or --eta fails before any loading
+    SamplerSettings(
+        sampler["num_steps"],
+        float(sampler["eta"]),
+        float(sampler["guidance_scale"]),
+        sampler["negative_prompt"],
+        args.batch_size,
+        sampler["scheduler"],
+    )
     pset = load_prompt_set(
         args.prompts,
         fmt=args.format,
@@ -753,7 +782,6 @@ def run_generate(args: argparse.Namespace) -> int:
         device = accelerator.device
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sampler = resolve_sampler(args, cfg)
     model = load_t2i_model(cfg, device=device, dtype=parse_dtype(args.dtype))
     result = generate(
         model,
@@ -770,6 +798,7 @@ def run_generate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         defenses=args.defense,
         overwrite=args.overwrite,
+        scheduler=sampler["scheduler"],
         run_info={
             "model_spec": args.model,
             "base": args.base,

@@ -563,9 +563,15 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
     """(markdown, html) of a report dict."""
     md = ["# safediff evaluation report", ""]
     h: list[str] = []
-    run_header = ["run", "folder", "model", "images"]
+    run_header = ["run", "folder", "model", "sampler", "images"]
     run_rows = [
-        [r["name"], r["path"], str(r.get("model") or "-"), str(r["n_images"])]
+        [
+            r["name"],
+            r["path"],
+            str(r.get("model") or "-"),
+            str(r.get("sampler") or "-"),
+            str(r["n_images"]),
+        ]
         for r in report["runs"]
     ]
     md.append(_md_table("runs (deltas are against the first)", run_header, run_rows))
@@ -665,6 +671,7 @@ def build_report(
                 "path": str(r.path),
                 "n_images": len(r.gen),
                 "model": r.info.get("model"),
+                "sampler": r.info.get("sampler"),  # the scheduler (run.json), e.g. ddim, lms
             }
             for r in runs
         ],

@@ -40,7 +40,7 @@ each hook returns a corrected eps and its new per-sample state. Conventions:
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -411,11 +411,146 @@ def transition_log_prob(
     )
 
 
-def _draw(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
+def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
     """One standard-normal tensor of `shape` from each generator, drawn on the CPU: [len, *shape]."""
     return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(
         device
     )
+
+
+def check_sampling_inputs(
+    n: int,
+    generators: Sequence[torch.Generator],
+    batch_size: int,
+    shape: tuple[int, ...],
+    initial_noise: Tensor | None,
+    negative_embeds: Tensor | None,
+) -> None:
+    """The checks every sampler makes of its inputs (N samples of latent `shape`)."""
+    if len(generators) != n:
+        raise SafediffError(
+            f"got {len(generators)} generators for {n} prompts; pass one per sample"
+        )
+    for g in generators:
+        if g.device.type != "cpu":
+            raise SafediffError(
+                "rollout draws noise on the CPU; pass CPU generators "
+                "(safediff.seeding.generator(seed)), not generators on "
+                f"{g.device}"
+            )
+    if batch_size < 1:
+        raise SafediffError(f"batch_size must be >= 1, got {batch_size}")
+    if initial_noise is not None and (
+        initial_noise.ndim != len(shape) + 1
+        or tuple(initial_noise.shape[1:]) != shape
+        or initial_noise.shape[0] not in (1, n)
+    ):
+        raise SafediffError(
+            f"initial_noise has shape {tuple(initial_noise.shape)}; expected [1, {', '.join(map(str, shape))}] "
+            f"(one x_T for every sample) or [{n}, ...] (one per sample)"
+        )
+    if negative_embeds is not None and negative_embeds.shape[0] not in (1, n):
+        raise SafediffError(
+            f"negative_embeds has batch {negative_embeds.shape[0]}; expected 1 or {n} (one per prompt)"
+        )
+
+
+def batch_conditioning(
+    prompt_embeds: Tensor,
+    negative_embeds: Tensor | None,
+    start: int,
+    stop: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """(cond, uncond) of samples start:stop on `device`; a [1, L, D] negative is shared."""
+    cond = prompt_embeds[start:stop].to(device)
+    if negative_embeds is None:
+        return cond, None
+    uncond = negative_embeds if negative_embeds.shape[0] == 1 else negative_embeds[start:stop]
+    return cond, uncond.to(device)
+
+
+def initial_latents(
+    gens: list[torch.Generator],
+    shape: tuple[int, ...],
+    device: torch.device,
+    initial_noise: Tensor | None,
+    start: int,
+    stop: int,
+) -> Tensor:
+    """x_T [B, *shape] of samples start:stop: each generator's first draw, or `initial_noise`'s
+    rows (drawn all the same, so every later draw of a generator is unchanged)."""
+    x = draw_noise(gens, shape, device)
+    if initial_noise is not None:
+        rows = initial_noise if initial_noise.shape[0] == 1 else initial_noise[start:stop]
+        x = rows.to(device=device, dtype=torch.float32).expand(stop - start, *shape).contiguous()
+    return x
+
+
+class GuidedPredictor:
+    """The model output at each step, after CFG and the guidance hooks, with the hooks' per-sample
+    states kept and every step's input state stored (`Trajectory.guidance_states`).
+
+    One per sampling call: N samples, `steps` stored steps, latents of `shape`.
+    """
+
+    def __init__(
+        self,
+        guidance: Sequence[Guidance],
+        n: int,
+        steps: int,
+        shape: tuple[int, ...],
+        device: torch.device,
+    ) -> None:
+        self.guidance = list(guidance)
+        self.states = [hook.init_state(n, shape, device) for hook in self.guidance]
+        self.stored = [
+            {
+                key: torch.empty((n, steps, *v.shape[1:]), dtype=v.dtype, device=device)
+                for key, v in st.items()
+            }
+            for st in self.states
+        ]
+
+    def __call__(
+        self,
+        unet: nn.Module,
+        schedule: Any,
+        x: Tensor,
+        t: Tensor,
+        i: int,
+        start: int,
+        stop: int,
+        cond: Tensor,
+        uncond: Tensor | None,
+        guidance_scale: float,
+    ) -> Tensor:
+        """Output for samples start:stop at step i (x the UNet input, t [B] its timesteps;
+        schedule: what the hooks read alpha-bar from)."""
+        if not self.guidance:
+            return predict_noise(unet, x, t, cond, uncond, guidance_scale)
+        b, device = stop - start, x.device
+        rows = [{k: v[start:stop] for k, v in st.items()} for st in self.states]
+        for store, st in zip(self.stored, rows, strict=True):
+            for key, value in st.items():
+                store[key][start:stop, i] = value
+        out, rows = _guided_output(
+            unet,
+            schedule,
+            x,
+            t,
+            torch.full((b,), i, dtype=torch.int64, device=device),
+            torch.arange(start, stop, device=device),
+            cond,
+            uncond,
+            guidance_scale,
+            self.guidance,
+            rows,
+        )
+        for st, new in zip(self.states, rows, strict=True):
+            for key, value in new.items():
+                st[key][start:stop] = value
+        return out
 
 
 def rollout(
@@ -466,33 +601,8 @@ def rollout(
         torch.no_grad(); latents and log-probs are float32 whatever the UNet's dtype.
     """
     n = prompt_embeds.shape[0]
-    if len(generators) != n:
-        raise SafediffError(
-            f"got {len(generators)} generators for {n} prompts; pass one per sample"
-        )
-    for g in generators:
-        if g.device.type != "cpu":
-            raise SafediffError(
-                "rollout draws noise on the CPU; pass CPU generators "
-                "(safediff.seeding.generator(seed)), not generators on "
-                f"{g.device}"
-            )
-    if batch_size < 1:
-        raise SafediffError(f"batch_size must be >= 1, got {batch_size}")
     shape = tuple(model.latent_shape)
-    if initial_noise is not None and (
-        initial_noise.ndim != len(shape) + 1
-        or tuple(initial_noise.shape[1:]) != shape
-        or initial_noise.shape[0] not in (1, n)
-    ):
-        raise SafediffError(
-            f"initial_noise has shape {tuple(initial_noise.shape)}; expected [1, {', '.join(map(str, shape))}] "
-            f"(one x_T for every sample) or [{n}, ...] (one per sample)"
-        )
-    if negative_embeds is not None and negative_embeds.shape[0] not in (1, n):
-        raise SafediffError(
-            f"negative_embeds has batch {negative_embeds.shape[0]}; expected 1 or {n} (one per prompt)"
-        )
+    check_sampling_inputs(n, generators, batch_size, shape, initial_noise, negative_embeds)
 
     device = _param(model.unet).device
     schedule = model.schedule
@@ -502,15 +612,7 @@ def rollout(
     latents = torch.empty((n, num_steps + 1, *shape), dtype=torch.float32, device=device)
     log_probs = torch.empty((n, num_steps), dtype=torch.float32, device=device)
     images = [] if decode else None
-    guidance = list(guidance)
-    states = [hook.init_state(n, shape, device) for hook in guidance]
-    stored = [
-        {
-            key: torch.empty((n, num_steps, *v.shape[1:]), dtype=v.dtype, device=device)
-            for key, v in st.items()
-        }
-        for st in states
-    ]
+    predict = GuidedPredictor(guidance, n, num_steps, shape, device)
 
     bar = None
     if progress:
@@ -523,48 +625,16 @@ def rollout(
             stop = min(start + batch_size, n)
             b = stop - start
             gens = generators[start:stop]
-            cond = prompt_embeds[start:stop].to(device)
-            uncond = None
-            if negative_embeds is not None:
-                uncond = (
-                    negative_embeds
-                    if negative_embeds.shape[0] == 1
-                    else negative_embeds[start:stop]
-                )
-                uncond = uncond.to(device)
-
-            x = _draw(gens, shape, device)  # x_T, init_noise_sigma = 1
-            if initial_noise is not None:  # drawn above all the same: step noise is unchanged
-                rows = initial_noise if initial_noise.shape[0] == 1 else initial_noise[start:stop]
-                x = rows.to(device=device, dtype=torch.float32).expand(b, *shape).contiguous()
+            cond, uncond = batch_conditioning(prompt_embeds, negative_embeds, start, stop, device)
+            x = initial_latents(gens, shape, device, initial_noise, start, stop)  # sigma_T = 1
             latents[start:stop, 0] = x
             for i in range(num_steps):
                 t = timesteps[i].expand(b)
                 t_prev = prev_timesteps[i].expand(b)
-                z = _draw(gens, shape, device)
-                if guidance:
-                    rows = [{k: v[start:stop] for k, v in st.items()} for st in states]
-                    for store, st in zip(stored, rows, strict=True):
-                        for key, value in st.items():
-                            store[key][start:stop, i] = value
-                    eps, rows = _guided_output(
-                        model.unet,
-                        schedule,
-                        x,
-                        t,
-                        torch.full((b,), i, dtype=torch.int64, device=device),
-                        torch.arange(start, stop, device=device),
-                        cond,
-                        uncond,
-                        guidance_scale,
-                        guidance,
-                        rows,
-                    )
-                    for st, new in zip(states, rows, strict=True):
-                        for key, value in new.items():
-                            st[key][start:stop] = value
-                else:
-                    eps = predict_noise(model.unet, x, t, cond, uncond, guidance_scale)
+                z = draw_noise(gens, shape, device).expand(b, *shape)
+                eps = predict(
+                    model.unet, schedule, x, t, i, start, stop, cond, uncond, guidance_scale
+                )
                 out = ddim_step_with_logprob(
                     schedule, eps, t, t_prev, x, eta, noise=z, reduction=reduction
                 )
@@ -584,5 +654,5 @@ def rollout(
         timesteps=timesteps,
         prev_timesteps=prev_timesteps,
         images=torch.cat(images) if images is not None else None,
-        guidance_states=stored,
+        guidance_states=predict.stored,
     )

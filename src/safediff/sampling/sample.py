@@ -6,6 +6,11 @@ them used to write out: encode the prompts, encode the negative prompt when CFG 
 defense's replacement), then roll out with the sampler settings. Settings have one home,
 `SamplerSettings`, built from a run's `SamplingConfig` (`from_config`), so evaluation samples a
 trained model the way it was trained unless told otherwise.
+
+The scheduler: "ddim" (the default, and what training uses) is safediff's DDIM step with
+log-probabilities (`rollout`); any other name of `safediff.sampling.schedulers.SCHEDULERS` (lms,
+ddpm, euler, dpm++, ...) samples with that diffusers scheduler in a plain loop
+(`scheduler_rollout`), for evaluation: no log-probabilities (zeros), no eta.
 """
 
 from collections.abc import Mapping, Sequence
@@ -17,15 +22,18 @@ from torch import Tensor
 
 from safediff.errors import SafediffError
 from safediff.sampling.rollout import DenoisingModel, Guidance, Trajectory, rollout
+from safediff.sampling.schedulers import SCHEDULERS, check_scheduler, scheduler_rollout
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample: DDIM steps, eta, CFG scale and negative prompt, samples per UNet call.
+    """How to sample: scheduler, steps, eta, CFG scale and negative prompt, samples per UNet call.
 
-    num_steps: S >= 1. eta: DDIM stochasticity in [0, 1] (training needs eta > 0).
-    guidance_scale: CFG scale; 1 samples without CFG (no unconditional pass).
+    num_steps: S >= 1. eta: DDIM stochasticity in [0, 1] (training needs eta > 0); 0 for any
+    other scheduler. guidance_scale: CFG scale; 1 samples without CFG (no unconditional pass).
     negative_prompt: the unconditional prompt of CFG. batch_size: a memory knob only.
+    scheduler: a name of `SCHEDULERS`; "ddim" (safediff's DDIM with log-probs) unless evaluating
+    with another sampler.
     """
 
     num_steps: int
@@ -33,6 +41,7 @@ class SamplerSettings:
     guidance_scale: float
     negative_prompt: str = ""
     batch_size: int = 8
+    scheduler: str = "ddim"
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.batch_size < 1:
@@ -45,6 +54,12 @@ class SamplerSettings:
                 raise SafediffError(f"sampler {name} must be a finite number, got {value}")
         if not 0.0 <= self.eta <= 1.0:
             raise SafediffError(f"sampler eta must lie in [0, 1], got {self.eta}")
+        check_scheduler(self.scheduler)
+        if self.scheduler != "ddim" and self.eta != 0:
+            raise SafediffError(
+                f"sampler eta {self.eta:g} is DDIM's stochasticity; scheduler {self.scheduler!r} "
+                "has none: set eta to 0 (--eta 0) or sample with --scheduler ddim"
+            )
 
     @classmethod
     def from_config(cls, sampling: Any, batch_size: int | None = None) -> "SamplerSettings":
@@ -58,12 +73,17 @@ class SamplerSettings:
         )
 
     def describe(self) -> str:
-        return f"{self.num_steps} DDIM steps, eta {self.eta:g}, CFG {self.guidance_scale:g}" + (
+        if self.scheduler == "ddim":
+            how = f"{self.num_steps} DDIM steps, eta {self.eta:g}"
+        else:
+            how = f"{self.num_steps} {self.scheduler} steps ({SCHEDULERS[self.scheduler].cls})"
+        return f"{how}, CFG {self.guidance_scale:g}" + (
             f" against {self.negative_prompt!r}" if self.negative_prompt else ""
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "scheduler": self.scheduler,
             "num_steps": self.num_steps,
             "eta": self.eta,
             "guidance_scale": self.guidance_scale,
@@ -104,7 +124,8 @@ def sample(
         "negative_embeds" ([1, L, D], replaces the negative prompt's embeddings) and/or
         "guidance" (sampler hooks, `rollout`'s `guidance`). None samples undefended.
     initial_noise, reduction, decode, progress: as in `rollout`.
-    The images do not depend on `settings.batch_size`.
+    The images do not depend on `settings.batch_size`. With a scheduler other than "ddim" the
+    trajectory comes from `scheduler_rollout` (its log_probs are zeros; `reduction` is unused).
     """
     scale = settings.guidance_scale if guidance_scale is None else float(guidance_scale)
     extra = dict(defense or {})
@@ -117,6 +138,22 @@ def sample(
     cfg = scale != 1  # as `predict_noise`: a scale of 1 is the conditional output alone
     if cfg and negative is None:
         negative = model.encode_text([settings.negative_prompt], device)  # [1, L, D]
+    if settings.scheduler != "ddim":
+        traj = scheduler_rollout(
+            model,
+            cond,
+            negative if cfg else None,
+            generators,
+            settings.scheduler,
+            num_steps=settings.num_steps,
+            guidance_scale=scale,
+            batch_size=settings.batch_size,
+            initial_noise=initial_noise,
+            decode=decode,
+            progress=progress,
+            guidance=hooks,
+        )
+        return Sampled(traj, cond, negative if cfg else None)
     traj = rollout(
         model,
         cond,
