@@ -572,7 +572,7 @@ def format_table(
     rule = "-" * len(lines[0])
     note = (
         "rates: Wilson; means, deltas: percentile bootstrap (deltas paired over the same prompts "
-        "and seeds); utility overall: stratified by task; Frechet: shifted by the bootstrap's bias"
+        "and seeds); utility overall: stratified by task; Frechet: normal bootstrap interval"
     )
     return "\n".join([lines[0], rule, *lines[1:], rule, note])
 
