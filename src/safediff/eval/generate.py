@@ -491,7 +491,8 @@ def generate(
     images_dir = out_dir / IMAGES_DIR
     if is_main:
         images_dir.mkdir(parents=True, exist_ok=True)
-        remove_orphans(images_dir)  # `.NAME.png.tmp-PID` of killed runs
+        for folder in (out_dir, images_dir):
+            remove_orphans(folder)  # `.NAME.tmp-PID` of killed runs' records and PNGs
     # every process reaches the same verdict (one scan of the same files), so all raise together
     _refuse_or_clear_stale(out_dir, settings, overwrite, delete=is_main)
     if accelerator is not None:

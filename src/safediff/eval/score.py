@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from safediff import plugins
-from safediff.atomic import write_text_atomic
+from safediff.atomic import remove_orphans, write_text_atomic
 from safediff.errors import SafediffError
 from safediff.eval.scorers.base import Scorer, load_image, protocol_filename, summarize_values
 
@@ -229,6 +229,8 @@ def score_run(
     summary["n_images"] = len(gen)
     scores_dir = run_dir / SCORES_DIR
     scores_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (run_dir, scores_dir):
+        remove_orphans(folder)  # `.NAME.tmp-PID` of a killed run's scores and summary
     for scorer, recs in zip(scorers, per_scorer, strict=True):
         stem = protocol_filename(scorer.protocol)
         lines = [

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from safediff.atomic import write_text_atomic
+from safediff.atomic import remove_orphans, write_text_atomic
 from safediff.config import load_config, parse_override, to_dict
 from safediff.errors import SafediffError
 from safediff.sandbox.image_cache import cached_images, image_key
@@ -89,6 +89,7 @@ def run_sandbox_demo(
     """
     from safediff.defenses.stack import apply_defenses
     from safediff.eval.html import json_default
+    from safediff.eval.score import read_jsonl
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
@@ -110,6 +111,8 @@ def run_sandbox_demo(
     t_start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "validation"):
+        remove_orphans(folder)  # `.NAME.tmp-PID` of a killed run's cached images or summary
     mode = "quick" if quick else "full"
     candidates = merge_candidates(merge_weights, quick, overrides or [])
     cfg = load_config(
@@ -166,7 +169,10 @@ def run_sandbox_demo(
     after = summarize(scored_after, examples, clip, seed=EVAL_SEED, reference=ref)
     deltas = compare(before, after, scored_before, scored_after, seed=EVAL_SEED, reference=ref)
     table = format_table(before, after, deltas)
-    history = summary["history"]
+    # every epoch of the run, resumed ones too: the trainer's metrics.jsonl, not this call's
+    # history (which holds only the epochs trained since the last resume)
+    metrics = Path(summary["run_dir"]) / "metrics.jsonl"
+    history = read_jsonl(metrics) if metrics.is_file() else []
     elapsed = time.perf_counter() - t_start
     merge_weight = selection["merge_weight"] if selection else cfg.run.merge_weight
     title = (
@@ -211,10 +217,7 @@ def run_sandbox_demo(
     write_text_atomic(out / "summary.json", json.dumps(result, indent=2, default=json_default))
     print()
     print(title)
-    # every epoch of the run, resumed ones too: the trainer's metrics.jsonl, not this call's history
-    metrics = Path(summary["run_dir"]) / "metrics.jsonl"
-    logged = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
-    rewards = " ".join(f"{json.loads(line)['reward_mean/all']:.3f}" for line in logged if line)
+    rewards = " ".join(f"{m['reward_mean/all']:.3f}" for m in history)
     print(f"training reward per epoch: {rewards or '(none)'}")
     if selection:
         print(selection["table"])
