@@ -51,7 +51,12 @@ from torch import Tensor, nn
 
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
-from safediff.models.stable_diffusion import decode_latents, freeze, vae_scale_factor
+from safediff.models.stable_diffusion import (
+    checked_resolution,
+    decode_latents,
+    freeze,
+    vae_scale_factor,
+)
 from safediff.sampling.schedule import DDIMSchedule
 
 SDXL_COMPONENTS = (
@@ -271,16 +276,8 @@ def sdxl_components_to_t2i(
             f"and {NUM_TIME_IDS} time ids in one packed row"
         )
 
-    factor = vae_scale_factor(vae)
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    if resolution is None:
-        resolution = int(unet.config.sample_size) * factor
-    if resolution <= 0 or resolution % (factor * unet_factor):
-        raise SafediffError(
-            f"resolution {resolution} does not fit model {source!r}: it must be a positive multiple "
-            f"of {factor * unet_factor} (VAE factor {factor} x UNet downsampling {unet_factor})"
-        )
-    side = resolution // factor
+    resolution = checked_resolution(unet, vae, resolution, source)
+    side = resolution // vae_scale_factor(vae)
     # (original_size, crops_coords_top_left, target_size): the pipeline's defaults at R x R.
     time_ids = (resolution, resolution, 0, 0, resolution, resolution)
     zeros = bool(components.get("force_zeros_for_empty_prompt", True))

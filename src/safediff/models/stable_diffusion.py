@@ -81,6 +81,22 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def checked_resolution(unet: nn.Module, vae: nn.Module, resolution: int | None, source: str) -> int:
+    """The image side in pixels: `resolution`, or the UNet's sample size x the VAE factor when
+    None; an error naming the model when it is not a positive multiple of VAE factor x UNet
+    downsampling."""
+    factor = vae_scale_factor(vae)
+    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution is None:
+        resolution = int(unet.config.sample_size) * factor
+    if resolution <= 0 or resolution % (factor * unet_factor):
+        raise SafediffError(
+            f"resolution {resolution} does not fit model {source!r}: it must be a positive multiple "
+            f"of {factor * unet_factor} (VAE factor {factor} x UNet downsampling {unet_factor})"
+        )
+    return resolution
+
+
 def sd_components_to_t2i(
     components: dict[str, Any], source: str, resolution: int | None = None
 ) -> T2IModel:
@@ -103,16 +119,8 @@ def sd_components_to_t2i(
     freeze(vae)
     freeze(text_encoder)
 
-    factor = vae_scale_factor(vae)
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    if resolution is None:
-        resolution = int(unet.config.sample_size) * factor
-    if resolution <= 0 or resolution % (factor * unet_factor):
-        raise SafediffError(
-            f"resolution {resolution} does not fit model {source!r}: it must be a positive multiple "
-            f"of {factor * unet_factor} (VAE factor {factor} x UNet downsampling {unet_factor})"
-        )
-    side = resolution // factor
+    resolution = checked_resolution(unet, vae, resolution, source)
+    side = resolution // vae_scale_factor(vae)
     latent_shape = (int(unet.config.in_channels), side, side)
 
     schedule = DDIMSchedule.from_scheduler_config(dict(components["scheduler"].config))
