@@ -49,7 +49,9 @@ def _tiny_unet(sample_size: int) -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def tiny_vae(**config: Any) -> AutoencoderKL:
+    """The tiny VAE of tiny-sd (one 2x downsampling, 4 latent channels); `config` overrides,
+    e.g. SDXL's scaling factor."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -60,6 +62,7 @@ def _tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     )
 
 
@@ -101,7 +104,7 @@ def build_tiny_sd(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _tiny_unet(sample_size)
-        vae = _tiny_vae()
+        vae = tiny_vae()
         text_encoder = _tiny_text_encoder()
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     return {

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from safediff.errors import SafediffError
 from safediff.models.clip_tokenizer import VOCAB_SIZE, build_clip_tokenizer
 from safediff.models.sdxl import sdxl_pipeline
+from safediff.models.tiny_sd import tiny_vae
 
 # SDXL base 1.0's scheduler/scheduler_config.json (the beta fields are what a DDIM sampler reads).
 SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -68,22 +69,6 @@ def _tiny_unet(sample_size: int) -> UNet2DConditionModel:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(_WIDTHS),
-        up_block_types=("UpDecoderBlock2D",) * len(_WIDTHS),
-        block_out_channels=_WIDTHS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,  # SDXL's VAE
-        force_upcast=True,
-    )
-
-
 def _text_config(hidden_act: str) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
@@ -114,7 +99,7 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 8) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _tiny_unet(sample_size)
-        vae = _tiny_vae()
+        vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE
         text_encoder = CLIPTextModel(_text_config("quick_gelu"))  # CLIP ViT-L's activation
         text_encoder_2 = CLIPTextModelWithProjection(_text_config("gelu"))  # OpenCLIP bigG's
     tokenizer = build_clip_tokenizer()

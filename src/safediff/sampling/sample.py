@@ -138,35 +138,20 @@ def sample(
     cfg = scale != 1  # as `predict_noise`: a scale of 1 is the conditional output alone
     if cfg and negative is None:
         negative = model.encode_text([settings.negative_prompt], device)  # [1, L, D]
-    if settings.scheduler != "ddim":
-        traj = scheduler_rollout(
-            model,
-            cond,
-            negative if cfg else None,
-            generators,
-            settings.scheduler,
-            num_steps=settings.num_steps,
-            guidance_scale=scale,
-            batch_size=settings.batch_size,
-            initial_noise=initial_noise,
-            decode=decode,
-            progress=progress,
-            guidance=hooks,
+    uncond = negative if cfg else None
+    common: dict[str, Any] = {
+        "num_steps": settings.num_steps,
+        "guidance_scale": scale,
+        "batch_size": settings.batch_size,
+        "initial_noise": initial_noise,
+        "decode": decode,
+        "progress": progress,
+        "guidance": hooks,
+    }
+    if settings.scheduler == "ddim":  # the sampler GRPO trains: log-probs, eta
+        traj = rollout(
+            model, cond, uncond, generators, eta=settings.eta, reduction=reduction, **common
         )
-        return Sampled(traj, cond, negative if cfg else None)
-    traj = rollout(
-        model,
-        cond,
-        negative if cfg else None,
-        generators,
-        num_steps=settings.num_steps,
-        eta=settings.eta,
-        guidance_scale=scale,
-        batch_size=settings.batch_size,
-        initial_noise=initial_noise,
-        reduction=reduction,
-        decode=decode,
-        progress=progress,
-        guidance=hooks,
-    )
-    return Sampled(traj, cond, negative if cfg else None)
+    else:
+        traj = scheduler_rollout(model, cond, uncond, generators, settings.scheduler, **common)
+    return Sampled(traj, cond, uncond)
