@@ -303,6 +303,7 @@ def test_format_markdown_from_data(tmp_path):
     metrics = {
         "unsafe_rate/explicit/trained": est(0.5, 0.3, 0.7),
         "utility/overall": est(0.4, 0.2, 0.6),
+        "flagged_rate/safe": est(0.1, 0.0, 0.3),
     }
     data = {
         "mode": "quick", "n_prompts": 10, "base": "sandbox", "base_row": "base", "seed": 1,
@@ -310,13 +311,17 @@ def test_format_markdown_from_data(tmp_path):
         "rows": {
             "base": {"model": None, "defenses": "", "metrics": metrics, "deltas_vs_base": {}},
             "DES": {"model": None, "defenses": f"des:{tmp_path}/defenses/des", "metrics": metrics,
-                    "deltas_vs_base": {"unsafe_rate/explicit/trained": est(-0.25, -0.5, 0.0)}},
+                    "deltas_vs_base": {"unsafe_rate/explicit/trained": est(-0.25, -0.5, 0.0)},
+                    "apply_seconds": 1.234, "seconds_per_image": 0.05},
         },
     }  # fmt: skip
     md = format_markdown(data, tmp_path)
     assert "| base | - | - | - | - | 50.0% [30.0, 70.0] | - | - | 40.0% [20.0, 60.0] |" in md
     assert "| DES | -25.0 pp [-50.0, +0.0] |" in md
     assert "`des:OUT/defenses/des`" in md and str(tmp_path) not in md
+    # the cost table: benign flags, per-task utility, apply and per-image seconds ("-" unknown)
+    assert "| base | 10.0% [0.0, 30.0] | - | - | - | - | - | - | - | - | - | - |" in md
+    assert "| DES | 10.0% [0.0, 30.0] | - | - | - | - | - | - | - | - | 1.23 | 0.050 |" in md
 
 
 # --------------------------------------------------------------------- real run (shipped model)

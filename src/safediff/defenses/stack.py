@@ -6,20 +6,27 @@ Spec: comma-separated `KIND:ARG[;key=value...]` items, e.g.
 
 KIND          ARG                                   options (`;key=value`)
 des           folder written by `safediff des train`  -
+esd           folder written by `safediff esd train`  - (esd.py)
+uce           concepts: text=A|B, a preset, FILE.txt  see uce.py (preserve=A|B, guide=...)
+rece          as uce                                  see rece.py (rounds=...)
 negprompt     preset ('nudity') or text=PROMPT       -
+safree        concepts: text=A|B or a preset          see safree.py
 sld           preset: weak | medium | strong | max   any SLDConfig field, e.g. sld_threshold=0.02
 safe-denoiser a negation set .safetensors            preset=nudity|nudity-paper, any
                                                       SafeDenoiserConfig field, e.g. scale=0.5;
                                                       reference=SAFE.safetensors (gate=odds)
 
 Each kind may appear once. Whatever the order in the spec, they are applied in one canonical
-order, because later ones depend on earlier ones:
+order (`KINDS`), because later ones depend on earlier ones:
 
 1. des: the text encoder is swapped at the model level (`swap_text_encoder`), so every prompt
    below, and the caller's own prompts, are encoded by the defended encoder;
-2. negprompt: the CFG unconditional embeddings become the negative prompt's (encoded by 1.);
-3. sld: a guidance hook on the CFG combination (its concept encoded by 1.);
-4. safe-denoiser: a guidance hook on the final clean-sample estimate (after SLD).
+2. esd, uce, rece: the UNet's weights are replaced or edited (on a copy; uce and rece encode
+   their concepts with the encoder of 1.);
+3. negprompt: the CFG unconditional embeddings become the negative prompt's (encoded by 1.);
+4. safree: the prompt embeddings are filtered away from the concept's subspace;
+5. sld: a guidance hook on the CFG combination (its concept encoded by 1.);
+6. safe-denoiser: a guidance hook on the final clean-sample estimate (after SLD).
 
 `apply_defenses(model, stack)` returns the (possibly swapped) model and keyword arguments for
 `safediff.sampling.rollout.rollout`: always "guidance" (a list, possibly empty) and, with a
@@ -31,7 +38,9 @@ UNet, a model whose encoder is already DES-trained.
 
 import contextlib
 import dataclasses
+import importlib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +59,7 @@ from safediff.defenses.text_encoder_adapter import swap_text_encoder
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 
-KINDS = ("des", "negprompt", "sld", "safe-denoiser")
+KINDS = ("des", "esd", "uce", "rece", "negprompt", "safree", "sld", "safe-denoiser")
 """The defense kinds, in the order they are applied."""
 _ALIASES = {
     "safe_denoiser": "safe-denoiser",
@@ -132,7 +141,7 @@ class DefenseStack:
         return ",".join(str(s) for s in self.specs) or "none"
 
 
-def _with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
+def with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
     """dataclasses.replace(cfg, **options) with values parsed as YAML and type-checked."""
     if not options:
         return cfg
@@ -163,7 +172,7 @@ def sld_config(spec: DefenseSpec) -> SLDConfig:
         raise SafediffError(
             f"unknown SLD preset {spec.arg!r}; presets: {', '.join(SLD_PRESETS)} (diffusers' SafetyConfig)"
         )
-    return _with_options(SLD_PRESETS[spec.arg], spec.options, "sld")
+    return with_options(SLD_PRESETS[spec.arg], spec.options, "sld")
 
 
 def safe_denoiser_files(spec: DefenseSpec) -> list[str]:
@@ -191,7 +200,55 @@ def safe_denoiser_config(spec: DefenseSpec) -> SafeDenoiserConfig:
         raise SafediffError(
             f"unknown Safe Denoiser preset {preset!r}; presets: {', '.join(SAFE_DENOISER_PRESETS)}"
         )
-    return _with_options(SAFE_DENOISER_PRESETS[preset], options, "safe-denoiser")
+    return with_options(SAFE_DENOISER_PRESETS[preset], options, "safe-denoiser")
+
+
+Applier = Callable[[T2IModel, DefenseSpec, torch.device], tuple[T2IModel, dict[str, Any]]]
+"""A defense's application: (model, spec, device) -> (defended model, sampling keyword arguments).
+It never modifies the model it is given (weight edits work on a copy of the UNet)."""
+
+
+def _apply_des(model: T2IModel, spec: DefenseSpec, device: torch.device):
+    return swap_text_encoder(model, spec.arg), {}
+
+
+def _apply_negprompt(model: T2IModel, spec: DefenseSpec, device: torch.device):
+    return model, {"negative_embeds": NegativePrompt.from_spec(spec.arg).embeds(model, device)}
+
+
+def _apply_sld(model: T2IModel, spec: DefenseSpec, device: torch.device):
+    cfg = sld_config(spec)
+    concept = model.encode_text([cfg.concept], device).to(torch.float32)
+    return model, {"guidance": [SafeLatentDiffusion(concept, cfg)]}
+
+
+def _apply_safe_denoiser(model: T2IModel, spec: DefenseSpec, device: torch.device):
+    return model, {"guidance": [safe_denoiser_hook(spec, device)]}
+
+
+APPLIERS: dict[str, Applier | str] = {
+    "des": _apply_des,
+    "esd": "safediff.defenses.esd:apply_esd",
+    "uce": "safediff.defenses.uce:apply_uce",
+    "rece": "safediff.defenses.rece:apply_rece",
+    "negprompt": _apply_negprompt,
+    "safree": "safediff.defenses.safree:apply_safree",
+    "sld": _apply_sld,
+    "safe-denoiser": _apply_safe_denoiser,
+}
+"""Each kind's applier, or "module:function" imported when first used (the baselines pull in
+their own dependencies only when asked for)."""
+
+_NO_OPTIONS = ("des", "esd", "negprompt")
+
+
+def applier(kind: str) -> Applier:
+    """The applier of a canonical kind."""
+    entry = APPLIERS[kind]
+    if isinstance(entry, str):
+        module, name = entry.split(":")
+        entry = getattr(importlib.import_module(module), name)
+    return entry
 
 
 def apply_defenses(
@@ -202,24 +259,27 @@ def apply_defenses(
     """Apply a defense stack: (defended model, keyword arguments for `rollout`).
 
     device: where embeddings and the negation set go (default: the UNet's device).
-    The input model is not modified; the returned one shares its UNet and VAE.
+    The input model is not modified; the returned one shares its modules except those a defense
+    replaced (a swapped text encoder, an edited copy of the UNet). Guidance hooks of successive
+    defenses are chained in canonical order; any other sampling argument may come from one
+    defense only.
     """
     if not isinstance(stack, DefenseStack):
         stack = DefenseStack.parse(stack)
-    if device is None:
-        device = next(model.unet.parameters()).device
+    device = torch.device(device) if device is not None else next(model.unet.parameters()).device
     kwargs: dict[str, Any] = {"guidance": []}
     for spec in stack.specs:
-        if spec.options and spec.kind in ("des", "negprompt"):
+        if spec.options and spec.kind in _NO_OPTIONS:
             raise SafediffError(f"defense {spec.kind} takes no options, got {spec}")
-        if spec.kind == "des":
-            model = swap_text_encoder(model, spec.arg)
-        elif spec.kind == "negprompt":
-            kwargs["negative_embeds"] = NegativePrompt.from_spec(spec.arg).embeds(model, device)
-        elif spec.kind == "sld":
-            cfg = sld_config(spec)
-            concept = model.encode_text([cfg.concept], device).to(torch.float32)
-            kwargs["guidance"].append(SafeLatentDiffusion(concept, cfg))
-        elif spec.kind == "safe-denoiser":
-            kwargs["guidance"].append(safe_denoiser_hook(spec, device))
+        model, extra = applier(spec.kind)(model, spec, device)
+        for key, value in extra.items():
+            if key == "guidance":
+                kwargs["guidance"].extend(value)
+            elif key in kwargs:
+                raise SafediffError(
+                    f"defense {spec.kind} sets the sampling argument {key!r}, which an earlier "
+                    "defense of the stack already set; drop one of them"
+                )
+            else:
+                kwargs[key] = value
     return model, kwargs

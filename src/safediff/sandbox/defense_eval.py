@@ -147,6 +147,18 @@ _MD_DELTA_COLUMNS = (
     ("frechet", "Frechet"),
 )
 
+_MD_COST_COLUMNS = (
+    ("flagged_rate/safe", "flagged benign"),
+    ("flagged_rate/negation", "flagged negation"),
+    ("alignment", "alignment"),
+    ("utility/single", "single"),
+    ("utility/two", "two"),
+    ("utility/counting", "counting"),
+    ("utility/colors", "colors"),
+    ("utility/position", "position"),
+    ("utility/color_attr", "color attr."),
+)
+
 
 # ------------------------------------------------------------------------------------ preparing
 
@@ -518,7 +530,9 @@ def evaluate_defenses(
     for i, (name, (model_spec, spec)) in enumerate(rows.items()):
         t0 = time.perf_counter()
         model = load_t2i_model(models[name], device=device)
+        t_apply = time.perf_counter()
         model, kwargs = apply_defenses(model, stacks[name], device=device)
+        apply_seconds = time.perf_counter() - t_apply
         folder = out / "rows" / slug(name)
         key = image_key(
             model, [e.caption for e in examples], {**sampling, "seed": seed}, stacks[name]
@@ -531,7 +545,9 @@ def evaluate_defenses(
             generate_images, model, examples, seed=seed, batch_size=batch_size,
             progress=progress, rollout_kwargs=kwargs, **sampling,
         )  # fmt: skip
+        t_gen = time.perf_counter()
         images = cached_images(cache, key, make)
+        timing = _generation_timing(folder, key, cached, time.perf_counter() - t_gen, len(examples))
         scored[name] = score_images(images, examples, detector, reader, clip)
         _write_row(folder, scored[name], images, examples)
         summary = summarize(scored[name], examples, clip, seed=seed, reference=ref, **resamples)
@@ -542,6 +558,8 @@ def evaluate_defenses(
             "folder": str(folder),
             "metrics": summary,
             "seconds": round(time.perf_counter() - t0, 1),
+            "apply_seconds": round(apply_seconds, 2),
+            "seconds_per_image": timing,
             "cached": cached,
         }
     base_row = "base" if "base" in rows else next(iter(rows))
@@ -565,6 +583,20 @@ def evaluate_defenses(
     markdown = format_markdown(data, out)
     (out / "defenses.md").write_text(markdown, encoding="utf-8")
     return {**data, "markdown": markdown}
+
+
+def _generation_timing(
+    folder: Path, key: Mapping[str, Any], cached: bool, seconds: float, n: int
+) -> float | None:
+    """Seconds per image of a row's generation: measured now, or, for images read from the
+    cache, the figure recorded when they were made (None if that was not recorded)."""
+    path = folder / "timing.json"
+    if cached:
+        old = _read_json(path) or {}
+        return old.get("seconds_per_image") if old.get("key") == key else None
+    per_image = round(seconds / max(n, 1), 4)
+    _write_json(path, {"key": key, "seconds_per_image": per_image})
+    return per_image
 
 
 # -------------------------------------------------------------------------------------- tables
@@ -597,6 +629,16 @@ def format_markdown(data: Mapping[str, Any], out_dir: str | Path = ".") -> str:
     dbody = [[name, *(_cell(k, r["deltas_vs_base"].get(k), delta=True)
                       for k, _ in _MD_DELTA_COLUMNS)]
              for name, r in rows.items() if name != base_row]  # fmt: skip
+    cost_header = ["row", *(label for _, label in _MD_COST_COLUMNS), "apply (s)", "s / image"]
+    cost_body = [
+        [
+            name,
+            *(_cell(k, r["metrics"].get(k)) for k, _ in _MD_COST_COLUMNS),
+            f"{r['apply_seconds']:.2f}" if r.get("apply_seconds") is not None else "-",
+            f"{r['seconds_per_image']:.3f}" if r.get("seconds_per_image") is not None else "-",
+        ]
+        for name, r in rows.items()
+    ]
     sz = data["sizes"]
     s = data["sampling"]
     lines = [
@@ -617,6 +659,14 @@ def format_markdown(data: Mapping[str, Any], out_dir: str | Path = ".") -> str:
         f"{sz['n_safe_per_task']} benign per task, {sz['n_other_per_kind']} per other kind), "
         f"seed {data['seed']}; DDIM {s['num_steps']} steps, eta {s['eta']}, CFG "
         f"{s['guidance_scale']}.",
+        "",
+        "Benign prompts and cost: the share of benign (and negation) prompts the detector "
+        "flags, CLIP alignment on benign prompts, utility per task, the seconds to apply the "
+        "defense stack (an edit, an encoder swap; training time is in the prepared defenses' "
+        "folders) and the seconds per generated image (this machine, as measured when the "
+        "images were made):",
+        "",
+        md_table(cost_header, cost_body).rstrip("\n"),
         "",
         md_table(
             ["row", "model", "defenses"],
