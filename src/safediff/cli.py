@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
     "export": ("safediff.export_cli", "add_export_parser", "diffusers folder + model card"),
+    "attack": ("safediff.attacks.cli", "add_attack_parser", "red-team a model + defense stack"),
 }
 TINY_SD_WORLD = "tiny-sd"
 

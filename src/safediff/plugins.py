@@ -16,7 +16,9 @@ Tables (what a name means -> what the plug-in gives):
 - anchor sets: an anchor set name -> its YAML file;
 - encoder kinds: a reward encoder spec 'NAME:ARG' (`safediff.rewards.encoders`);
 - commands: a `safediff NAME` subcommand (module, parser builder, one-line help);
-- demo worlds: `safediff demo --world NAME` -> its options and its runner.
+- demo worlds: `safediff demo --world NAME` -> its options and its runner;
+- attack targets: `safediff attack --targets NAME[:ARG]` -> a world's attack target set
+  (`safediff.attacks.targets.TargetSet`: prompts, banned words, ASR protocol).
 
 Each table refuses a name taken twice. `registered()` lists everything, by table.
 """
@@ -85,6 +87,15 @@ class CommandPlugin:
 
 
 @dataclass(frozen=True)
+class AttackTargetSource:
+    """`--targets NAME` or `NAME:ARG`: load(arg) -> `safediff.attacks.targets.TargetSet`."""
+
+    name: str
+    load: Callable[[str], Any]
+    help: str = ""
+
+
+@dataclass(frozen=True)
 class DemoWorld:
     """`safediff demo --world NAME`: add_arguments(parser) adds the world's own options;
     run(args) -> exit code. `default` marks the world `safediff demo` runs with no --world."""
@@ -104,6 +115,7 @@ _TABLES: dict[str, dict[str, Any]] = {
     "encoder kind": {},
     "command": {},
     "demo world": {},
+    "attack targets": {},
 }
 _loaded = False
 
@@ -145,6 +157,10 @@ def add_command(command: CommandPlugin) -> None:
 
 def add_demo_world(world: DemoWorld) -> None:
     _add("demo world", world.name, world)
+
+
+def add_attack_targets(source: AttackTargetSource) -> None:
+    _add("attack targets", source.name, source)
 
 
 def load_plugins() -> None:
@@ -216,3 +232,7 @@ def commands() -> dict[str, CommandPlugin]:
 
 def demo_worlds() -> dict[str, DemoWorld]:
     return dict(_table("demo world"))
+
+
+def attack_target_sources() -> dict[str, AttackTargetSource]:
+    return dict(_table("attack targets"))

@@ -21,6 +21,9 @@ Contents, each table captioned with its protocol name:
   protocol's mean (CLIP score), else the first key of a run summary's 'utility' dict;
 - image grids: the same image names (prompt + seed) across runs, images where the runs' safety
   flags disagree first, with each image's flags and scores.
+- attack runs (folders of `safediff attack`, given among the others or alone): per run its
+  attack, victim, protocol, judge, ASR with its interval and budget, and a grid of targets:
+  target prompt, adversarial prompt, images with their judge flags, success.
 
 Bootstrap draws use numpy generators seeded with derive_seed(seed, protocol, run, category), so
 the report is a deterministic function of the stored results and `seed`.
@@ -659,8 +662,17 @@ def build_report(
     """
     if not run_dirs:
         raise SafediffError("report needs at least one run folder")
-    dirs = [Path(d) for d in run_dirs]
-    runs = [load_run(d, n) for d, n in zip(dirs, _run_names(dirs, names), strict=True)]
+    from safediff.attacks.run import attack_report, is_attack_run
+
+    all_dirs = [Path(d) for d in run_dirs]
+    named = list(zip(all_dirs, _run_names(all_dirs, names), strict=True))
+    attacks = [(d, n) for d, n in named if is_attack_run(d)]  # `safediff attack` folders
+    attack_entries, attack_md, attack_html = attack_report(
+        [d for d, _ in attacks], [n for _, n in attacks], thumb=min(thumb, 96)
+    )
+    if len(attacks) == len(named):
+        return _attack_only_report(out_dir, attack_entries, attack_md, attack_html)
+    runs = [load_run(d, n) for d, n in named if not is_attack_run(d)]
     tables = protocol_tables(runs, seed)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
@@ -688,11 +700,30 @@ def build_report(
         report["_scatter_png"] = png
     md, html_page = _render(report, runs, thumb)
     report.pop("_scatter_png", None)
+    if attacks:
+        report["attacks"] = attack_entries
+        md += "\n" + attack_md
+        html_page = html_page.replace("</body></html>", "\n".join([*attack_html, "</body></html>"]))
     (out / "report.json").write_text(
         json.dumps(report, indent=1, ensure_ascii=False, default=json_default), encoding="utf-8"
     )
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(html_page, encoding="utf-8")
+    return report
+
+
+def _attack_only_report(
+    out_dir: str | Path, entries: list[dict[str, Any]], md: str, html_parts: list[str]
+) -> dict[str, Any]:
+    """The report of attack runs alone (`safediff.attacks.run.attack_report`)."""
+    report: dict[str, Any] = {"schema": REPORT_SCHEMA, "attacks": entries}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(
+        json.dumps(report, indent=1, ensure_ascii=False, default=json_default), encoding="utf-8"
+    )
+    (out / "report.md").write_text("# safediff attack report\n\n" + md, encoding="utf-8")
+    (out / "report.html").write_text(page("safediff attack report", html_parts), encoding="utf-8")
     return report
 
 

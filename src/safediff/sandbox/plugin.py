@@ -11,7 +11,8 @@ adds, without importing any model code (each loader imports on use):
 - the anchor sets `sandbox`, `sandbox_empty_positive`, `sandbox_scenes` (anchors/*.yaml);
 - the reward encoder kind `sandbox:` (the image encoder aligned to MiniLM);
 - the command `safediff sandbox` (build, verify, prompts, defenses) and the demo world `sandbox`,
-  the default of `safediff demo`.
+  the default of `safediff demo`;
+- the attack target set `safediff attack --targets sandbox[:FAMILY|...]` (attack_targets.py).
 """
 
 import argparse
@@ -71,6 +72,12 @@ def _utility_scorer(device: str):
     from safediff.sandbox.utility_scorer import SandboxUtilityScorer
 
     return SandboxUtilityScorer(device=device or "cpu")
+
+
+def _attack_targets(arg: str):
+    from safediff.sandbox.attack_targets import load
+
+    return load(arg)
 
 
 def _encoder(arg: str, device: Any, dtype: Any, precision: str | None):
@@ -155,6 +162,13 @@ def register() -> None:
             module="safediff.sandbox.cli",
             builder="add_sandbox_parser",
             help="the sandbox world (build, verify, prompts, defenses)",
+        )
+    )
+    plugins.add_attack_targets(
+        plugins.AttackTargetSource(
+            NAME,
+            load=_attack_targets,
+            help="explicit prompts of every sandbox family (drug held out); sandbox:FAMILY|...",
         )
     )
     plugins.add_demo_world(
