@@ -1,10 +1,15 @@
-"""Command-line entry points of the defenses: `safediff des train` and `safediff negset build`.
+"""Command-line entry points of the defenses: `safediff des train`, `safediff esd train` and
+`safediff negset build`.
 
     safediff des train --safe-prompts safe.csv --unsafe-prompts unsafe.csv --concept nudity \
         --model stable-diffusion-v1-5/stable-diffusion-v1-5 --output-dir runs/des [KEY=VALUE ...]
     safediff negset build --images unsafe_images/ --model tiny-sd --cache-dir negsets/
 
-KEY=VALUE overrides set any `DESConfig` field (e.g. epochs=1 lr=2e-5 direction=concept).
+    safediff esd train --model sandbox --concept "weapon|skull|fire" --variant x \
+        --output-dir runs/esd [KEY=VALUE ...]
+
+KEY=VALUE overrides set any `DESConfig` field (e.g. epochs=1 lr=2e-5 direction=concept), or any
+`ESDConfig` field for `esd train` (e.g. steps=200 lr=1e-4 negative_guidance=2).
 """
 
 import argparse
@@ -50,6 +55,24 @@ def _cmd_des_train(args: argparse.Namespace) -> int:
     _check_des_numbers(cfg)
     out = run_des(cfg, device=args.device, progress=not args.no_progress)
     print(f"DES text encoder written to {out} (use it with the defense spec des:{out})")
+    return 0
+
+
+def _cmd_esd_train(args: argparse.Namespace) -> int:
+    from safediff.config import load_config
+    from safediff.defenses.esd import ESDConfig, run_esd
+
+    flags = {
+        "model": args.model,
+        "concept": args.concept,
+        "variant": args.variant,
+        "output_dir": args.output_dir,
+    }
+    # Flags go in as JSON-quoted overrides (a concept such as "yes" must stay a string).
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, [*overrides, *args.overrides], cls=ESDConfig)
+    out = run_esd(cfg, device=args.device, progress=not args.no_progress)
+    print(f"ESD UNet written to {out} (use it with the defense spec esd:{out})")
     return 0
 
 
@@ -112,6 +135,37 @@ def add_des_parser(subparsers: argparse._SubParsersAction) -> None:
         help="DESConfig overrides, e.g. epochs=1 direction=concept",
     )
     p.set_defaults(func=_cmd_des_train)
+
+
+def add_esd_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add `esd train` to the `safediff` command line."""
+    esd = subparsers.add_parser("esd", help="ESD: erase a concept from the UNet")
+    sub = esd.add_subparsers(dest="esd_command", required=True)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune the UNet against the concept's guidance direction (resumable)",
+        description="ESD (Gandikota et al. 2023): fine-tune a copy of the UNet so its prediction "
+        "for the concept moves opposite to the concept's guidance direction. Writes a diffusers "
+        "UNet folder (use it as the defense esd:FOLDER); an interrupted run resumes from "
+        "OUTPUT/checkpoint/.",
+    )
+    p.add_argument("--model", help="base model: tiny-sd, sandbox, a pipeline folder or a hub id")
+    p.add_argument("--concept", help="concept(s) to erase, '|'-separated, e.g. 'weapon|skull'")
+    p.add_argument(
+        "--variant", choices=("x", "u", "full"), help="x: cross-attention only (default); "
+        "u: everything but cross-attention; full: all parameters",
+    )  # fmt: skip
+    p.add_argument("--output-dir", help="where the trained UNet is written")
+    p.add_argument("--config", help="a YAML file of ESDConfig fields")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="ESDConfig overrides, e.g. steps=200 lr=1e-4",
+    )
+    p.set_defaults(func=_cmd_esd_train)
 
 
 def add_negset_parser(subparsers: argparse._SubParsersAction) -> None:
