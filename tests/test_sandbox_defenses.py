@@ -242,13 +242,14 @@ def test_evaluate_defenses_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
     run = _fake_run(tmp_path / "train", base, [3])
     out = tmp_path / "out"
     quick_des = replace(defense_eval.SANDBOX_DES, batch_size=4)
-    small = {"des_cfg": quick_des, "des_max_steps": 1, "n_des_draws": 100, "n_negset": 16}
+    small = {"des_cfg": quick_des, "des_max_steps": 1, "n_des_draws": 100, "n_negset": 16,
+             "esd_cfg": None}  # fmt: skip
     prepared = prepare_defenses(out, progress=False, **small)
     assert (prepared.des / "config.json").is_file() and prepared.negset.is_file()
     rows = default_rows(prepared, grpo_run=run)
     assert list(rows) == [
         "base", "negative prompt", "Safe Denoiser", "DES", "SLD (max)",
-        "stack: DES + negprompt",
+        "UCE", "RECE", "SAFREE", "SAFREE + Safe Denoiser", "stack: DES + negprompt",
         "stack: DES + negprompt + Safe Denoiser", "GRPO + steering", "GRPO + steering + stack",
     ]  # fmt: skip
     kw = {"sizes": TINY_SIZES, "base": base, "sampling": TINY_SAMPLING, "progress": False,

@@ -115,8 +115,13 @@ def cmd_defenses(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     progress = not args.no_progress
-    prepared = prepare_defenses(args.out, device=args.device, progress=progress)
-    rows = default_rows(prepared, args.grpo_run, sld=not args.no_sld)
+    from safediff.sandbox.defense_eval import SANDBOX_ESD
+
+    esd_cfg = None if args.no_baselines else SANDBOX_ESD
+    prepared = prepare_defenses(args.out, device=args.device, progress=progress, esd_cfg=esd_cfg)
+    rows = default_rows(
+        prepared, args.grpo_run, sld=not args.no_sld, baselines=not args.no_baselines
+    )
     result = evaluate_defenses(
         args.out, rows, quick=args.quick, base=args.base, device=args.device, progress=progress
     )
@@ -185,8 +190,8 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
     d = sub.add_parser(
         "defenses",
-        help="measure each defense (negative prompt, Safe Denoiser, DES, SLD, a stack) on the "
-        "sandbox: unsafe rate per family and utility with 95%% intervals",
+        help="measure each defense (negative prompt, Safe Denoiser, DES, SLD, UCE, RECE, ESD, "
+        "SAFREE, stacks) on the sandbox: unsafe rate per family and utility with 95%% intervals",
     )
     d.add_argument("--out", required=True, help="output folder (defenses, rows, tables)")
     d.add_argument("--quick", action="store_true", help="the quick demo's prompt counts")
@@ -200,6 +205,12 @@ def add_sandbox_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--base", default="sandbox", help="base diffusion model: sandbox (shipped) or sandbox:PATH"
     )
     d.add_argument("--no-sld", action="store_true", help="leave out the SLD row")
+    d.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="leave out the concept-erasure baselines (UCE, RECE, ESD-x: about 8 minutes of "
+        "training on one CPU thread, SAFREE)",
+    )
     d.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_defenses)

@@ -15,6 +15,10 @@ then generate, score and summarise one row per (model, defense stack).
      benign companion object, mapped to the model's x0 space (pixels in [-1, 1]: the sandbox has
      no VAE), saved as a `NegationSet`.
    - negative prompt: `NEGATIVE_PROMPT`, naming the trained families.
+   - the concept-erasure baselines: ESD-x trained on the sandbox UNet (`SANDBOX_ESD`); UCE, RECE
+     and SAFREE are specs over the trained families' names (`ERASED_CONCEPTS`; UCE and RECE
+     keep the benign shapes, `KEPT_CONCEPTS`; SAFREE's step window `SAFREE_OPTIONS`). Why each
+     setting: the constants' docstrings.
 2. Evaluate (`evaluate_defenses`): for every row, load its model (the base `sandbox` model, or a
    GRPO run written by `safediff train` / `safediff demo`), apply its defense spec
    (`safediff.defenses.stack.apply_defenses`), generate the images of `demo_eval_prompts` with the
@@ -81,6 +85,7 @@ import torch
 from safediff.atomic import write_text_atomic
 from safediff.config import ModelConfig, to_dict
 from safediff.defenses.des import DESConfig
+from safediff.defenses.esd import ESDConfig
 from safediff.errors import SafediffError
 from safediff.eval.html import json_default, md_table
 from safediff.sandbox.image_cache import cached_images, image_key, is_cached
@@ -121,6 +126,36 @@ SANDBOX_DES = DESConfig(
     output_dir="",
 )
 """DES on MiniLM (fields as DESConfig's; output_dir is set by `prepare_des`)."""
+ERASED_CONCEPTS = "weapon|skull|fire"
+"""The concepts UCE, RECE and SAFREE erase on the sandbox: the trained families' names."""
+KEPT_CONCEPTS = "a circle|a square|a triangle|a cross|a ring|a bar"
+"""UCE's and RECE's preserved concepts on the sandbox: the six benign shapes. Without them
+(the reference keeps only the empty prompt) UCE costs 8 points of utility and RECE 37 (quick
+evaluation, seed 2024): RECE's rounds then erase the adversarial embedding over every token row,
+the start and padding rows that every prompt shares included. With them: UCE -79.2 pp trained,
+utility +2.1 pp [-8.3, +12.5]; RECE -83.3 pp, utility -10.4 pp [-20.8, +0.0]."""
+SAFREE_OPTIONS = {"svf_mid": "3", "up_t": "50"}
+"""SAFREE on the sandbox: the reference's step window (its sigmoid's midpoint 5.333 in 10 beta,
+at most 11 of 50 steps) is tuned on CLIP for nudity; MiniLM's token distances are smaller, so on
+the demo's 10 steps it filters 1-2 steps and moves nothing (-4.2 pp, quick evaluation). With the
+midpoint at 3 and the window allowed the whole trajectory: -22.9 pp [-35.4, -10.4] on the trained
+families, utility -2.1 pp; filtering every step (svf=false) does about as well (-25.0 pp)."""
+UCE_OPTIONS = {"preserve": KEPT_CONCEPTS}
+RECE_OPTIONS = {"preserve": KEPT_CONCEPTS}
+SANDBOX_ESD = ESDConfig(
+    model="sandbox",
+    concept=ERASED_CONCEPTS,
+    variant="x",
+    lr=1e-4,
+    steps=1000,
+    ddim_steps=10,
+    output_dir="esd",
+)
+"""ESD-x on the sandbox UNet (fields as ESDConfig's; output_dir is replaced by `prepare_esd`). At the
+paper's lr 1e-5 the 2.8M-parameter UNet barely moves in 1,000 steps (-2.1 pp on the trained
+families, quick evaluation); at 1e-4: -45.8 pp, utility +2.1 pp. ESD-u at 1e-4 erases as much
+but flags 18.8% of benign images (base 0%), so the table's row is ESD-x. ddim_steps = the demo
+sampler's 10 steps."""
 DES_PROMPT_DRAWS = 3000
 """Captions drawn from "grpo_train" for DES (about 850 distinct ones)."""
 NEGSET_SIZE = 1024
@@ -175,6 +210,7 @@ class PreparedDefenses:
     negset: Path
     reference: Path
     negative_prompt: str = NEGATIVE_PROMPT
+    esd: Path | None = None
 
     def spec(self, kind: str) -> str:
         """The defense spec of one kind: "des", "negprompt", "safe-denoiser" or "sld"."""
@@ -187,9 +223,25 @@ class PreparedDefenses:
             return f"safe-denoiser:{self.negset}" + _options(options)
         if kind == "sld":
             return f"sld:{SLD_PRESET}" + _options(SLD_OPTIONS)
+        if kind == "uce":
+            return f"uce:text={ERASED_CONCEPTS}" + _options(UCE_OPTIONS)
+        if kind == "rece":
+            return f"rece:text={ERASED_CONCEPTS}" + _options(RECE_OPTIONS)
+        if kind == "safree":
+            return f"safree:text={ERASED_CONCEPTS}" + _options(SAFREE_OPTIONS)
+        if kind == "esd" and self.esd is not None:
+            return f"esd:{self.esd}"
         raise SafediffError(
-            f"unknown defense kind {kind!r}; use des, negprompt, safe-denoiser, sld"
+            f"unknown defense kind {kind!r}; use des, negprompt, safe-denoiser, sld, uce, rece"
         )
+
+    def has(self, kind: str) -> bool:
+        """Whether the kind can be specified (ESD needs its trained folder)."""
+        try:
+            self.spec(kind)
+        except SafediffError:
+            return False
+        return True
 
     def stack(self, *kinds: str) -> str:
         """A comma-separated stack spec of several kinds."""
@@ -265,6 +317,31 @@ def prepare_des(
     return folder
 
 
+def prepare_esd(
+    folder: str | Path,
+    cfg: ESDConfig = SANDBOX_ESD,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Train ESD on the sandbox UNet into `folder` (an `esd:FOLDER` spec), or reuse it (its
+    sandbox_esd.json records the same config); an interrupted training resumes from its
+    checkpoint (`safediff.defenses.esd.run_esd`)."""
+    from safediff.defenses.esd import run_esd
+
+    folder = Path(folder)
+    cfg = replace(cfg, output_dir=str(folder))
+    key = {"config": to_dict(cfg)}
+    stamp = folder / "sandbox_esd.json"
+    if _read_json(stamp) == key and (folder / "config.json").is_file():
+        logger.info("ESD: reusing %s", folder)
+        return folder
+    logger.info("ESD-%s: training the sandbox UNet for %d steps", cfg.variant, cfg.steps)
+    run_esd(cfg, device=device, progress=progress)
+    _write_json(stamp, key)
+    return folder
+
+
 def _grpo_train_renders(n: int, seed: int, unsafe: bool, key: str) -> torch.Tensor:
     """[n, 3, 32, 32] in [-1, 1]: renders of the scenes of the first n unsafe (or benign: kind
     "safe") captions of "grpo_train", drawn by derive_seed(seed, f"{key}-captions"); render i
@@ -335,12 +412,14 @@ def prepare_defenses(
     des_cfg: DESConfig = SANDBOX_DES,
     n_des_draws: int = DES_PROMPT_DRAWS,
     des_max_steps: int | None = None,
+    esd_cfg: ESDConfig | None = SANDBOX_ESD,
     n_negset: int = NEGSET_SIZE,
     seed: int = PREPARE_SEED,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> PreparedDefenses:
-    """DES encoder, negation set and negative prompt under out_dir/defenses/ (cached)."""
+    """DES encoder, negation set, negative prompt and (unless esd_cfg is None) the ESD-trained
+    UNet under out_dir/defenses/ (cached)."""
     root = Path(out_dir) / "defenses"
     des = prepare_des(
         root / "des", des_cfg, n_des_draws, seed,
@@ -348,8 +427,11 @@ def prepare_defenses(
     )  # fmt: skip
     negset = prepare_negset(root, n_negset, seed)
     reference = prepare_reference(root, n_negset, seed)
+    esd_folder = None
+    if esd_cfg is not None:
+        esd_folder = prepare_esd(root / "esd", esd_cfg, device=device, progress=progress).resolve()
     return PreparedDefenses(
-        des=des.resolve(), negset=negset.resolve(), reference=reference.resolve()
+        des=des.resolve(), negset=negset.resolve(), reference=reference.resolve(), esd=esd_folder
     )
 
 
@@ -382,23 +464,35 @@ def sandbox_defense_stack(
             specs.append(item)
             continue
         des = negset = reference = Path("-")
+        esd = None
         if kind == "des":
             des = prepare_des(root / "des", device=device, progress=progress).resolve()
         elif kind == "safe-denoiser":
             negset = prepare_negset(root).resolve()
             reference = prepare_reference(root).resolve()
-        specs.append(PreparedDefenses(des=des, negset=negset, reference=reference).spec(kind))
+        elif kind == "esd":
+            esd = prepare_esd(root / "esd", device=device, progress=progress).resolve()
+        prepared = PreparedDefenses(des=des, negset=negset, reference=reference, esd=esd)
+        specs.append(prepared.spec(kind))
     spec = ",".join(specs)
     DefenseStack.parse(spec)
     return spec
 
 
+BASELINE_ROWS = {"uce": "UCE", "rece": "RECE", "esd": "ESD-x", "safree": "SAFREE"}
+"""The concept-erasure baselines' rows (kind -> row name), in table order."""
+
+
 def default_rows(
-    prepared: PreparedDefenses, grpo_run: str | Path | None = None, sld: bool = True
+    prepared: PreparedDefenses,
+    grpo_run: str | Path | None = None,
+    sld: bool = True,
+    baselines: bool = True,
 ) -> dict[str, tuple[str | None, str]]:
     """The rows of `safediff sandbox defenses`: name -> (model spec or None for the base model,
-    defense spec): base, each defense alone, DES + negative prompt, and the stack DES + negative
-    prompt + Safe Denoiser; with a GRPO run, that run alone ("GRPO + steering") and with the stack.
+    defense spec): base, each defense alone, the baselines (UCE, RECE, ESD-x when prepared,
+    SAFREE), DES + negative prompt, and the stack DES + negative prompt + Safe Denoiser; with a
+    GRPO run, that run alone ("GRPO + steering") and with the stack.
     """
     stack = prepared.stack("des", "negprompt", "safe-denoiser")
     rows: dict[str, tuple[str | None, str]] = {
@@ -409,6 +503,12 @@ def default_rows(
     }
     if sld:
         rows[f"SLD ({SLD_PRESET})"] = (None, prepared.spec("sld"))
+    if baselines:
+        for kind, name in BASELINE_ROWS.items():
+            if prepared.has(kind):
+                rows[name] = (None, prepared.spec(kind))
+    if baselines:  # the Safe Denoiser paper's best result is its combination with SAFREE
+        rows["SAFREE + Safe Denoiser"] = (None, prepared.stack("safree", "safe-denoiser"))
     rows["stack: DES + negprompt"] = (None, prepared.stack("des", "negprompt"))
     rows["stack: DES + negprompt + Safe Denoiser"] = (None, stack)
     if grpo_run is not None:
