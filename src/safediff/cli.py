@@ -26,11 +26,23 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("safediff.eval.eval_cmd", "add_eval_parser", "generate then score a prompt set"),
     "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
+    "esd": ("safediff.defenses.cli", "add_esd_parser", "ESD: erase a concept from the UNet"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),
     "export": ("safediff.export_cli", "add_export_parser", "diffusers folder + model card"),
     "attack": ("safediff.attacks.cli", "add_attack_parser", "red-team a model + defense stack"),
 }
 TINY_SD_WORLD = "tiny-sd"
+TINY_FLOW_WORLDS = {
+    "tiny-sd3": ["model.pretrained=tiny-sd3", "sampling.eta=0.7", "optim.lr=3e-3"],
+    "tiny-flux": [
+        "model.pretrained=tiny-flux",
+        "sampling.eta=0.7",
+        "sampling.guidance_scale=3.5",
+        "optim.lr=3e-3",
+    ],
+}
+"""The engine smoke run on the offline tiny flow pipelines: the tiny-sd demo (brightness reward)
+with the flow SDE's noise level a = 0.7 (Flow-GRPO's) and, for FLUX-dev, its distilled guidance."""
 
 
 def lazy_commands() -> dict[str, tuple[str, str, str]]:
@@ -104,10 +116,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             if name != args.world and getattr(args, dest) != args.world_defaults[dest]:
                 flag = "--" + dest.replace("_", "-")
                 raise SafediffError(f"{flag} applies to the {name} world only")
-    if args.world == TINY_SD_WORLD:
+    if args.world == TINY_SD_WORLD or args.world in TINY_FLOW_WORLDS:
         from safediff.demo import run_demo
 
-        return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=args.overrides)
+        overrides = [*TINY_FLOW_WORLDS.get(args.world, []), *args.overrides]
+        return run_demo(output_dir=args.output_dir, quick=args.quick, overrides=overrides)
     return int(worlds[args.world].run(args))
 
 
@@ -124,10 +137,11 @@ def _add_demo_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--world",
-        choices=[*worlds, TINY_SD_WORLD],
+        choices=[*worlds, TINY_SD_WORLD, *TINY_FLOW_WORLDS],
         default=default,
         help=f"which world (default {default}): {world_help}; {TINY_SD_WORLD}: the one-minute "
-        "engine smoke run (random tiny SD, brightness reward)",
+        "engine smoke run (random tiny SD, brightness reward); tiny-sd3, tiny-flux: the same on "
+        "the tiny flow-matching pipelines (flow SDE, noise level 0.7)",
     )
     options: dict[str, list[str]] = {}
     for world in worlds.values():

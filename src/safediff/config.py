@@ -185,7 +185,8 @@ class SamplingConfig:
         default=1.0,
         metadata=doc(
             "DDIM stochasticity: the step's std is eta x sigma_t (1 = DDPM-like). Training needs "
-            "eta > 0: a deterministic step has no log-prob.",
+            "eta > 0: a deterministic step has no log-prob. Flow models (SD3, FLUX): the SDE's "
+            "noise level a (Flow-GRPO uses 0.7).",
             bounds="(0, 1]",
         ),
     )
@@ -216,6 +217,47 @@ class SamplingConfig:
             "each sample draws its own x_T from (run.seed, epoch, sample), so results do not "
             "depend on the number of processes and a group's samples start apart."
         ),
+    )
+    device_noise: bool = field(
+        default=False,
+        metadata=doc(
+            "Draw rollout noise on the accelerator: each sample gets its own device generator "
+            "seeded from its CPU generator (`safediff.sampling.rollout.device_generators`), so "
+            "noise stays per sample, reproducible and independent of the batch size, without a "
+            "host draw and copy every step. It is another noise stream than the CPU's: the same "
+            "seed gives other images than with this off."
+        ),
+    )
+    window_size: int = field(
+        default=0,
+        metadata=doc(
+            "Flow models (SD3, FLUX) only: MixGRPO's SDE window, the number of consecutive "
+            "denoising steps sampled with the SDE (noise level sampling.eta) and trained; the "
+            "other steps are ODE steps, neither noised nor trained. 0: every step is an SDE step "
+            "(Flow-GRPO).",
+            bounds=">= 0",
+        ),
+    )
+    window_rule: str = field(
+        default="sliding",
+        metadata=doc(
+            "How the SDE window moves over training: fixed (stays at window_start), sliding "
+            "(moves towards low noise, then stays at the end) or cyclic (wraps back to "
+            "window_start: MixGRPO's released run). See safediff.sampling.flow.sde_window.",
+            choices=("fixed", "sliding", "cyclic"),
+        ),
+    )
+    window_start: int = field(
+        default=0,
+        metadata=doc("First step of the SDE window at epoch 0 (0: the noisiest).", bounds=">= 0"),
+    )
+    window_stride: int = field(
+        default=1,
+        metadata=doc("Steps the SDE window moves each time it moves.", bounds=">= 0"),
+    )
+    window_every: int = field(
+        default=1,
+        metadata=doc("Epochs between two moves of the SDE window.", bounds=">= 1"),
     )
 
 
@@ -546,6 +588,48 @@ class RunConfig:
         default=False,
         metadata=doc("Recompute UNet activations in the backward pass (less memory, more time)."),
     )
+    frozen_dtype: str = field(
+        default="float32",
+        metadata=doc(
+            "dtype of the modules training never updates: the VAE, the text encoder(s) and, "
+            "with LoRA, the base UNet under the adapter (the adapter stays float32); with a KL "
+            "term and a full fine-tune, the frozen reference copy too (unless run.merge_weight "
+            "!= 1, whose merge reads it). Must match run.mixed_precision (bfloat16 with bf16, "
+            "float16 with fp16): autocast then stops re-casting float32 weights on every call "
+            "and they take half the memory; norm layers read the rounded weights, so results "
+            "differ slightly from float32's.",
+            choices=("float32", "bfloat16", "float16"),
+        ),
+    )
+    tf32: bool = field(
+        default=True,
+        metadata=doc(
+            "On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (10-bit "
+            "mantissa inputs, float32 accumulation), as PyTorch's 'high' matmul precision. It "
+            "changes float32 results slightly on Ampere and newer GPUs; no effect on the CPU. "
+            "Set once when the trainer starts (a process-wide PyTorch setting)."
+        ),
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata=doc(
+            "Store the UNet's 4-D weights in channels-last memory format (faster convolutions "
+            "with tensor cores under bf16/fp16 autocast); same math, kernels may round "
+            "differently."
+        ),
+    )
+    compile: str = field(
+        default="none",
+        metadata=doc(
+            "torch.compile the UNet in place (`nn.Module.compile`: parameters and checkpoints "
+            "unchanged) with this backend: 'inductor' (fused kernels, the speed option; the "
+            "first epoch pays the compilation, minutes at SD size, and fused kernels round "
+            "differently from eager, about 1e-5 relative), 'aot_eager' (graph capture and "
+            "AOTAutograd without code generation: checks a model compiles, and the CPU tests) "
+            "or 'none'.",
+            choices=("none", "inductor", "aot_eager"),
+        ),
+    )
     save_every: int = field(
         default=10,
         metadata=doc("Checkpoint every N epochs (the last epoch is always saved).", bounds=">= 1"),
@@ -630,6 +714,10 @@ REWARD_HAS_GATE: dict[str, bool] = {
 }
 
 
+FROZEN_DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+"""run.frozen_dtype -> the run.mixed_precision it needs."""
+
+
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Check every field of config dataclass `obj` (and its sections) against its rule: numbers
     finite and in their bounds, strings among their choices. One-line SafediffError naming the
@@ -672,6 +760,13 @@ def validate(cfg: TrainConfig) -> None:
             f"{reward!r} has none: use grpo.pg_scope=all",
         ),
         (cfg.prompts.file.strip() != "", "prompts.file must not be empty"),
+        (
+            cfg.run.frozen_dtype == "float32"
+            or FROZEN_DTYPE_PRECISION[cfg.run.frozen_dtype] == cfg.run.mixed_precision,
+            f"run.frozen_dtype {cfg.run.frozen_dtype} needs run.mixed_precision="
+            f"{FROZEN_DTYPE_PRECISION.get(cfg.run.frozen_dtype)} (got "
+            f"{cfg.run.mixed_precision!r}): frozen weights are kept in the autocast dtype",
+        ),
         (
             not (cfg.prompts.order == "pass" and cfg.prompts.stratify != "none"),
             f"prompts.order 'pass' walks through the list once and does not stratify; use "

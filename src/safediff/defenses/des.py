@@ -29,13 +29,19 @@ cosine similarity of flattened embeddings; every loss term is a batch mean.
 Departures from the reference code: the target search is an exact argmin over cosine similarities
 (the reference uses a FAISS inner-product index over L2-normalised vectors: the same ranking);
 E_orig(s) of a safe prompt is read from the codebook instead of re-encoded every step (the same
-numbers); the default concept direction is the difference form (see 2).
+numbers); each prompt is tokenised once for the whole run (`MemoTokenizer`; the reference
+tokenises every batch again); the default concept direction is the difference form (see 2).
 
 SDXL is refused (one line, `text_encoder_adapter.SDXL_REFUSAL`): DES is defined on one CLIP text
 encoder's padded last hidden state, with g in that encoder's raw units; SDXL's UNet reads the
 penultimate states of two encoders (CLIP ViT-L and OpenCLIP bigG) plus bigG's pooled embedding,
 and neither paper nor reference says which of them to distort or how to scale g for each. Use the
 negative prompt, SLD or the Safe Denoiser on SDXL.
+
+SD3 and FLUX train all their text encoders together (`text_encoder_adapter.FlowTextEncodersAdapter`:
+CLIP-L, CLIP-G and T5 for SD3; CLIP-L and T5 for FLUX), the paper's multi-encoder setting: the
+losses act on the packed conditioning the transformer reads (token rows of every encoder and the
+pooled row). g = 200 is in SD 1.4 CLIP-L units and is not re-tuned for those encoders.
 """
 
 import dataclasses
@@ -46,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +224,40 @@ class DESResult:
     seconds: float = 0.0
 
 
+class MemoTokenizer:
+    """A tokenizer that tokenises each prompt once: rows of padded calls are kept per (prompt,
+    call settings) and stacked, so the same ids come back without running the (slow, Python)
+    tokenizer again.
+
+    Only calls that pad to a fixed length and return torch tensors (padding="max_length",
+    return_tensors="pt", what both text encoder adapters' `encode` make) are cached; any other
+    call goes to the wrapped tokenizer unchanged. Every other attribute is the wrapped
+    tokenizer's. The cache holds L int64 ids (and an attention mask) per prompt.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._rows: dict[tuple[str, str], dict[str, Tensor]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, prompts: Any, **kwargs: Any) -> Any:
+        fixed = kwargs.get("padding") == "max_length" and kwargs.get("return_tensors") == "pt"
+        if not fixed or isinstance(prompts, str) or not prompts:
+            return self.tokenizer(prompts, **kwargs)
+        from transformers import BatchEncoding
+
+        how = repr(sorted(kwargs.items()))
+        missing = [p for p in dict.fromkeys(prompts) if (p, how) not in self._rows]
+        if missing:
+            encoded = self.tokenizer(missing, **kwargs)
+            for i, prompt in enumerate(missing):
+                self._rows[(prompt, how)] = {k: v[i] for k, v in encoded.items()}
+        rows = [self._rows[(p, how)] for p in prompts]
+        return BatchEncoding({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+
+
 def _encode_all(adapter: TextEncoderAdapter, prompts: list[str], batch: int) -> Tensor:
     with torch.no_grad():
         return torch.cat(
@@ -258,6 +299,9 @@ def train_des(
     del unsafe_orig
 
     trained = adapter.clone()
+    tokenizer = getattr(trained, "tokenizer", None)
+    if tokenizer is not None:  # every step re-encodes prompts: tokenise each one once
+        trained.tokenizer = MemoTokenizer(tokenizer)
     module = trained.module
     module.requires_grad_(True)
     module.train()
@@ -308,6 +352,8 @@ def train_des(
             step += 1
     if bar is not None:
         bar.close()
+    if tokenizer is not None:
+        trained.tokenizer = tokenizer
     module.requires_grad_(False)
     module.eval()
     return DESResult(adapter=trained, history=history, seconds=time.perf_counter() - start)

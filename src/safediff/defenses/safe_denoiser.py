@@ -507,6 +507,32 @@ class SafeDenoiser:
     ) -> dict[str, Tensor]:
         return {}
 
+    def flow_velocity(self, x_t: Tensor, velocity: Tensor, sigma: Tensor, t: Tensor) -> Tensor:
+        """The corrected velocity of a flow model (SD3, FLUX; `safediff.sampling.flow`).
+
+        x_t, velocity: [B, C, h, w]; sigma: [B] the flow time (x_t = (1 - sigma) x0 + sigma eps,
+        v = eps - x0); t: [B] the transformer's timestep sigma * N, on which the window
+        [t_min, t_max] is read (N = 1000 for SD3 / FLUX, the scale of the DDPM presets).
+        The same x0 correction in the flow parameterisation: x0 = x_t - sigma v, x0_safe =
+        `correct`(x0, t), and back v' = (x_t - x0_safe) / sigma (sigma > 0 at every step the
+        sampler takes), so the Euler / SDE step uses x0_safe as DDIM's does. Departure: the
+        paper and its code are for DDPM models; its presets (bandwidth, tau, window) were tuned
+        on SD 1.4's latents and are not re-tuned for SD3 / FLUX latents (16 channels, other
+        scale): build the negation set with the flow model's VAE and calibrate tau from it.
+        """
+        sigma = sigma.to(device=x_t.device, dtype=torch.float32)
+        t = torch.as_tensor(t, device=x_t.device)
+        if not bool(self.in_window(t).any()):
+            return velocity
+        s = sigma.reshape(-1, *([1] * (x_t.ndim - 1)))
+        x = x_t.to(torch.float32)
+        v = velocity.to(torch.float32)
+        x0_safe, active, _ = self.correct(x - s * v, t)
+        if not bool(active.any()):
+            return velocity
+        mask = active.reshape(s.shape)
+        return torch.where(mask, (x - x0_safe) / s, v)
+
     def __call__(
         self, step: GuidanceStep, state: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:

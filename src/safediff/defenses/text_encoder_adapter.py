@@ -9,7 +9,8 @@ putting its own adapter into `T2IModel.components["text_encoder_adapter"]` (see
 `adapter_for_model`) and by its plug-in's `ModelFamily.text_encoder` loader.
 
 SDXL is refused (`SDXL_REFUSAL`): it conditions on two text encoders and a pooled embedding, which
-DES's single-encoder losses do not cover.
+DES's single-encoder losses do not cover. SD3 / SD3.5 and FLUX (`FlowTextEncodersAdapter`) train
+all their encoders (CLIP-L, CLIP-G, T5; CLIP-L, T5) as one module on the packed conditioning.
 
 Saved encoders are plain transformers folders (`save_pretrained`: config.json + model.safetensors),
 so `CLIPTextModel.from_pretrained(folder)` loads them and they drop into a diffusers pipeline
@@ -29,9 +30,11 @@ from torch import Tensor, nn
 from safediff import plugins
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.flow import is_flow_spec
 from safediff.models.loading import TINY_MODELS, TINY_SDXL_MODELS
 from safediff.models.sdxl import is_sdxl_pipeline_folder, read_model_index
 from safediff.models.stable_diffusion import encode_prompts, freeze
+from safediff.sampling.flow import is_flow_schedule
 
 SDXL_REFUSAL = (
     "DES trains one CLIP text encoder, but SDXL conditions on two (CLIP ViT-L and OpenCLIP bigG "
@@ -142,6 +145,112 @@ class CLIPTextEncoderAdapter:
         )
 
 
+FLOW_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""The encoders of a flow pipeline, in the order its encode function takes them: SD3 / SD3.5:
+CLIP-L, CLIP-G, T5 (optional); FLUX: CLIP-L, T5."""
+
+
+class FlowTextEncodersAdapter:
+    """Every text encoder of an SD3 / SD3.5 (CLIP-L, CLIP-G, T5) or FLUX (CLIP-L, T5) model as
+    one trainable module (`module`: an nn.ModuleDict by diffusers component name).
+
+    encode: the packed conditioning the transformer reads (`safediff.models.flow`:
+    [B, 77 + L_t5 + 1, D] for SD3, [B, L_t5 + 1, D] for FLUX; token states and the pooled row),
+    with gradient, so DES distorts what the model is conditioned on through all its encoders at
+    once. `tokenizer` is CLIP-L's (DES memoises it); the others are the model's.
+    save / load: one transformers folder per encoder, named as in a diffusers pipeline folder
+    (text_encoder/, text_encoder_2/, text_encoder_3/), so they drop into one as they are.
+    Departure from DES (defined on SD 1.x's one CLIP encoder): the embedding is the packed
+    multi-encoder conditioning, so its raw units, and with them the concept guidance g, differ
+    from CLIP-L's (g = 200 was tuned on SD 1.4); re-tune g per model.
+    """
+
+    def __init__(self, encode: partial, names: tuple[str, ...]) -> None:
+        self._func, self._args = encode.func, encode.args
+        self.names = names
+        self.tokenizer = encode.args[0][0]
+        pairs = zip(names, encode.args[1], strict=True)
+        self.encoders = nn.ModuleDict({n: e for n, e in pairs if e is not None})
+
+    @classmethod
+    def from_model(cls, model: T2IModel) -> "FlowTextEncodersAdapter":
+        encode = model.encode_text
+        if not isinstance(encode, partial) or len(encode.args) < 3:
+            raise SafediffError(
+                f"model {model.source!r}: its prompt encoding is not the flow adapter's "
+                "(safediff.models.flow); cannot train its text encoders"
+            )
+        return cls(encode, FLOW_ENCODER_NAMES[: len(encode.args[1])])
+
+    @property
+    def module(self) -> nn.Module:
+        return self.encoders
+
+    def _partial(self, grad: bool) -> partial:
+        modules = dict(self.encoders.items())  # a missing T5 (SD3 without it) stays None
+        encoders = tuple(modules.get(n) for n in self.names)
+        tokenizers = (self.tokenizer, *self._args[0][1:])
+        extra = {"grad": True} if grad else {}
+        return partial(self._func, tokenizers, encoders, *self._args[2:], **extra)
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        if isinstance(prompts, str):
+            raise SafediffError("encode takes a list of prompts, got a single string")
+        device, _ = _device_dtype(self.encoders)
+        return self._partial(grad=True)(list(prompts), device)
+
+    def clone(self) -> "FlowTextEncodersAdapter":
+        other = copy.copy(self)
+        other.encoders = copy.deepcopy(self.encoders)
+        return other
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, encoder in self.encoders.items():
+            encoder.save_pretrained(folder / name)  # config.json + model.safetensors
+        return folder
+
+    def load(self, folder: str | Path) -> "FlowTextEncodersAdapter":
+        where = Path(folder).expanduser().resolve()
+        modules = {}
+        for name, encoder in self.encoders.items():
+            sub = where / name
+            if not (sub / "config.json").is_file():
+                raise SafediffError(
+                    f"{where} has no {name}/ text encoder folder; pass the folder `safediff des "
+                    "train` wrote for this model family"
+                )
+            device, dtype = _device_dtype(encoder)
+            try:
+                module = type(encoder).from_pretrained(str(sub), dtype=dtype)
+            except (OSError, ValueError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise SafediffError(f"could not load text encoder {sub}: {first}") from None
+            width = _width(module.config)
+            if width != _width(encoder.config):
+                raise SafediffError(
+                    f"text encoder {sub} has width {width}, the model's has "
+                    f"{_width(encoder.config)}; train DES on the same base model"
+                )
+            modules[name] = module.to(device)
+        other = copy.copy(self)
+        other.encoders = nn.ModuleDict(modules)
+        return other
+
+    def swap_into(self, model: T2IModel) -> T2IModel:
+        for encoder in self.encoders.values():
+            freeze(encoder)
+        components = {**model.components, **dict(self.encoders.items())}
+        return dataclasses.replace(
+            model, encode_text=self._partial(grad=False), components=components
+        )
+
+
+def _width(config: Any) -> int | None:
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
 def _text_encoder_folder(folder: str | Path) -> Path:
     """A transformers text-encoder folder (config.json at its root), or a SafediffError."""
     where = Path(folder).expanduser().resolve()
@@ -167,6 +276,8 @@ def adapter_for_model(model: T2IModel) -> TextEncoderAdapter:
     own = model.components.get("text_encoder_adapter")
     if own is not None:
         return own
+    if is_flow_schedule(model.schedule):  # SD3 / FLUX: every encoder, as one module
+        return FlowTextEncodersAdapter.from_model(model)
     if model.components.get("text_encoder_2") is not None:
         raise SafediffError(f"model {model.source!r}: {SDXL_REFUSAL}")
     tokenizer = model.components.get("tokenizer")
@@ -212,6 +323,12 @@ def load_text_encoder_adapter(
         return family.text_encoder(plugins.split_spec(pretrained)[1], device)
     if pretrained in TINY_SDXL_MODELS:
         raise SafediffError(f"model {pretrained!r}: {SDXL_REFUSAL}")
+    if is_flow_spec(pretrained):  # SD3 / FLUX: the model's encoders (its transformer loads too)
+        from safediff.config import ModelConfig
+        from safediff.models.loading import load_t2i_model
+
+        model = load_t2i_model(ModelConfig(pretrained=pretrained), device=device, dtype=dtype)
+        return FlowTextEncodersAdapter.from_model(model)
     if pretrained in TINY_MODELS:
         from safediff.models.tiny_sd import build_tiny_sd
 

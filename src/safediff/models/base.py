@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from safediff.sampling.flow import FlowSchedule
 from safediff.sampling.schedule import DDIMSchedule
 
 
@@ -27,7 +28,10 @@ class T2IModel:
         beyond token states travels as extra rows of this one tensor (SDXL: L = 77 + 1, the last
         row packing the pooled embedding and size/crop time ids; its UNet unpacks it, sdxl.py).
     decode: latents [B, C, h, w] -> images [B, 3, H, W] float32 in [0, 1] (no grad).
-    schedule: the noise schedule the UNet was trained with.
+    schedule: the noise schedule the UNet was trained with: a `DDIMSchedule` (DDPM-type models,
+        sampled by DDIM / the diffusers schedulers) or a `FlowSchedule` (rectified-flow models,
+        SD3 / FLUX, whose "unet" is a velocity-predicting transformer adapted by models/flow.py
+        and sampled by sampling/flow.py; `sample()` dispatches on this type).
     latent_shape: (C, h, w) of one latent at the model's default resolution.
     components: the other modules (vae, text_encoder, tokenizer, ...), by diffusers' names, so a
         pipeline folder can be written back out; never used by the sampler.
@@ -37,7 +41,7 @@ class T2IModel:
     unet: nn.Module
     encode_text: Callable[[list[str], torch.device], torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
-    schedule: DDIMSchedule
+    schedule: DDIMSchedule | FlowSchedule
     latent_shape: tuple[int, int, int]
     components: dict[str, Any] = field(default_factory=dict)
     source: str = ""

@@ -4,6 +4,8 @@ optionally with a bare UNet checkpoint swapped in and a LoRA adapter merged in.
 Where the weights come from (`ModelConfig.pretrained`):
 - "tiny-sd" / "tiny-sd-v": the offline random tiny SD (epsilon / v-prediction), see tiny_sd.py;
 - "tiny-sdxl": the offline random tiny SDXL, see tiny_sdxl.py;
+- "tiny-sd3" / "tiny-flux" and SD3 / FLUX pipeline folders: flow-matching models, loaded by
+  models/flow.py (`load_flow_t2i`; a bare transformer checkpoint as unet_weights);
 - "NAME" / "NAME:ARG" of a plug-in's model family (`safediff.plugins`, e.g. the sandbox world's);
 - a local diffusers pipeline folder (with model_index.json and the subfolders unet, vae,
   text_encoder, tokenizer, scheduler); a folder whose model_index.json names
@@ -38,6 +40,7 @@ from safediff import plugins
 from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.flow import is_flow_spec, load_flow_t2i
 from safediff.models.sdxl import (
     SDXL_COMPONENTS,
     is_sdxl_pipeline_folder,
@@ -76,6 +79,8 @@ def load_t2i_model(
     # Find the UNet checkpoint and adapter before loading a (possibly large) base model.
     unet_file = resolve_unet_weights(cfg.unet_weights) if cfg.unet_weights else None
     lora_dir = resolve_lora_adapter(cfg.lora_weights) if cfg.lora_weights else None
+    if is_flow_spec(cfg.pretrained):  # tiny-sd3, tiny-flux, SD3 / FLUX folders (models/flow.py)
+        return load_flow_t2i(cfg.pretrained, device, dtype, cfg.resolution, unet_file, lora_dir)
     family = plugins.model_family(cfg.pretrained)
     if family is not None:
         model = family.load(plugins.split_spec(cfg.pretrained)[1], device)

@@ -45,6 +45,20 @@ from safediff.rewards.steering import (
 )
 
 
+def resolve_autocast(
+    dtype: torch.dtype | str | None, device: torch.device | str
+) -> torch.dtype | None:
+    """The autocast dtype of a reward on `device`: "auto" is float16 on CUDA and None (off)
+    elsewhere; a dtype or None is kept."""
+    if isinstance(dtype, str):
+        if dtype != "auto":
+            raise SafediffError(
+                f"autocast_dtype must be a torch dtype, None or 'auto'; got {dtype!r}"
+            )
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    return dtype
+
+
 class SteeringReward:
     """reward = cos(E(image), z*(prompt)), z* the prompt embedding steered toward v_safe.
 
@@ -56,7 +70,9 @@ class SteeringReward:
     threshold, temperature: gating parameters, in units of the safety score s (a cosine).
     jpeg_parity, jpeg_quality, jpeg_resize: reproduce the reference's JPEG round-trip before
         scoring (its code: PIL resize to 512, then PIL's default quality 75; see rewards/jpeg.py).
-    autocast_dtype: run the encoders under torch.autocast with this dtype (None: off).
+    autocast_dtype: run the encoders under torch.autocast with this dtype (None: off); "auto"
+        (the default): float16 when the encoder is on CUDA (the reference scores HPSv2 under
+        float16 autocast), off on the CPU.
     chunk_size: encode at most this many images per call (None: the whole batch at once).
     cache_size: the most prompts kept in the cache.
     """
@@ -75,7 +91,7 @@ class SteeringReward:
         jpeg_parity: bool = False,
         jpeg_quality: int = REFERENCE_QUALITY,
         jpeg_resize: int | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = "auto",
         chunk_size: int | None = None,
         cache_size: int | None = 100_000,
     ):
@@ -97,10 +113,10 @@ class SteeringReward:
         self.jpeg_parity = bool(jpeg_parity)
         self.jpeg_quality = int(jpeg_quality)
         self.jpeg_resize = jpeg_resize
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = resolve_autocast(autocast_dtype, encoder.device)
         self.chunk_size = chunk_size
         self.cache = PromptCache(cache_size)
-        with autocast_context(encoder.device, autocast_dtype):
+        with autocast_context(encoder.device, self.autocast_dtype):
             safe = encoder.encode_text(list(anchors.safe)) if anchors.safe else None
             unsafe = encoder.encode_text(list(anchors.unsafe)) if anchors.unsafe else None
         self.v_safe = safety_direction(safe, unsafe).to(encoder.device)  # [D] float32

@@ -6,9 +6,13 @@ was sampled; `transition_log_prob` recomputes the log-probability of any set of 
 `predict_noise` and `ddim_step_with_logprob`, so on-policy the recomputed log-prob equals the
 sampled one and the importance ratio starts at exactly 1 (in float32).
 
-Randomness: every sample owns a CPU `torch.Generator`. Sample i draws x_T and then one z per step,
-always from its own generator, on the CPU, so a batched rollout equals the same samples rolled out
-one at a time and nothing depends on `batch_size` or the device.
+Randomness: every sample owns a `torch.Generator`. Sample i draws x_T and then one z per step,
+always from its own generator, so a batched rollout equals the same samples rolled out one at a
+time and nothing depends on `batch_size`. CPU generators (the default) draw on the CPU and the
+noise is copied to the device: the images do not depend on the device either. Device noise
+(`device_generators`: one generator per sample on the accelerator, seeded from that sample's CPU
+generator) skips the per-step host draw and copy; it is another, equally seeded and equally
+batch-invariant noise stream, so its images differ from CPU noise's (an option, off by default).
 
 Guidance hooks (defenses that act inside the sampler: SLD, the Safe Denoiser, ...): `rollout` and
 `transition_log_prob` take `guidance=[hook, ...]`. At every step the sampler computes the CFG
@@ -412,10 +416,35 @@ def transition_log_prob(
 
 
 def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """One standard-normal tensor of `shape` from each generator, drawn on the CPU: [len, *shape]."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(
-        device
-    )
+    """One standard-normal tensor of `shape` from each generator: [len, *shape] float32 on `device`.
+
+    Each sample draws on its generator's own device (CPU generators on the CPU, then one copy to
+    `device`; generators from `device_generators` on the accelerator, no copy), one draw per
+    generator, so the result for a sample does not depend on which others share the batch.
+    """
+    noise = [torch.randn(shape, generator=g, dtype=torch.float32, device=g.device) for g in gens]
+    return torch.stack(noise).to(device)
+
+
+def device_generators(gens: Sequence[torch.Generator], device: torch.device | str) -> list:
+    """Per-sample generators on `device`, each seeded from the matching CPU generator's next draw
+    (a 62-bit integer), so device noise stays seeded per sample and batch-invariant.
+
+    gens: N generators (one per sample, as `rollout` takes them); each is advanced by one draw.
+    Returns N `torch.Generator`s on `device` (on "cpu" too: the tests check the invariants there).
+    The noise they give differs from the CPU generators' own stream (another seed, and CUDA's
+    Philox generator): choosing device noise changes the images, never their reproducibility.
+    """
+    device = torch.device(device)
+    out = []
+    for g in gens:
+        if g.device.type != "cpu":
+            raise SafediffError(
+                f"device_generators derives device generators from CPU generators; got one on {g.device}"
+            )
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        out.append(torch.Generator(device=device).manual_seed(seed))
+    return out
 
 
 def check_sampling_inputs(
@@ -431,13 +460,11 @@ def check_sampling_inputs(
         raise SafediffError(
             f"got {len(generators)} generators for {n} prompts; pass one per sample"
         )
-    for g in generators:
-        if g.device.type != "cpu":
-            raise SafediffError(
-                "rollout draws noise on the CPU; pass CPU generators "
-                "(safediff.seeding.generator(seed)), not generators on "
-                f"{g.device}"
-            )
+    if len({g.device for g in generators}) > 1:
+        raise SafediffError(
+            "generators are on several devices; pass CPU generators "
+            "(safediff.seeding.generator(seed)), or all of them through device_generators"
+        )
     if batch_size < 1:
         raise SafediffError(f"batch_size must be >= 1, got {batch_size}")
     if initial_noise is not None and (
@@ -492,6 +519,10 @@ class GuidedPredictor:
     states kept and every step's input state stored (`Trajectory.guidance_states`).
 
     One per sampling call: N samples, `steps` stored steps, latents of `shape`.
+
+    Per-step conditioning: a hook with a `step_embeds(i, start, stop, cond) -> cond` method
+    (SAFREE, bound to its prompts by `sample`) chooses the prompt embeddings [B, L, D] of samples
+    start:stop at step i; returning `cond` itself leaves the step exactly as without it.
     """
 
     def __init__(
@@ -529,6 +560,10 @@ class GuidedPredictor:
         schedule: what the hooks read alpha-bar from)."""
         if not self.guidance:
             return predict_noise(unet, x, t, cond, uncond, guidance_scale)
+        for hook in self.guidance:
+            step_embeds = getattr(hook, "step_embeds", None)
+            if step_embeds is not None:
+                cond = step_embeds(i, start, stop, cond)
         b, device = stop - start, x.device
         rows = [{k: v[start:stop] for k, v in st.items()} for st in self.states]
         for store, st in zip(self.stored, rows, strict=True):
@@ -579,7 +614,9 @@ def rollout(
             for no CFG.
         generators: N CPU generators, one per sample. Sample i draws x_T ~ N(0, I) and then one
             z ~ N(0, I) per step (also at eta == 0, so streams do not depend on eta), always from
-            its own generator, so results depend neither on batch_size nor on the device.
+            its own generator, so results depend neither on batch_size nor on the device. Or N
+            generators on the device from `device_generators` (device noise: no per-step host
+            draw; other noise, still per sample and independent of batch_size).
         num_steps: S, DDIM steps.
         eta: DDIM stochasticity (training needs eta > 0; at eta == 0 log_probs are zeros).
         guidance_scale: CFG scale; 1.0 (or negative_embeds None) turns CFG off.

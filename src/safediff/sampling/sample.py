@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from safediff.errors import SafediffError
+from safediff.sampling.flow import flow_sample, has_guidance_input, is_flow_schedule
 from safediff.sampling.rollout import DenoisingModel, Guidance, Trajectory, rollout
 from safediff.sampling.schedulers import SCHEDULERS, check_scheduler, scheduler_rollout
 
@@ -72,8 +73,19 @@ class SamplerSettings:
             batch_size=int(batch_size or sampling.rollout_batch_size),
         )
 
-    def describe(self) -> str:
-        if self.scheduler == "ddim":
+    def describe(self, model: Any = None) -> str:
+        """One line for logs. model: the `T2IModel` sampled (optional): a flow model (SD3,
+        FLUX) is described with the flow sampler's terms (SDE noise level, or Euler's ODE at
+        eta 0; FLUX-dev's guidance is an input, not CFG)."""
+        if model is not None and is_flow_schedule(getattr(model, "schedule", None)):
+            how = (
+                f"{self.num_steps} flow SDE steps, noise level {self.eta:g}"
+                if self.eta > 0
+                else f"{self.num_steps} flow ODE (Euler) steps"
+            )
+            if has_guidance_input(model.unet):
+                return f"{how}, guidance {self.guidance_scale:g} (a transformer input, no CFG)"
+        elif self.scheduler == "ddim":
             how = f"{self.num_steps} DDIM steps, eta {self.eta:g}"
         else:
             how = f"{self.num_steps} {self.scheduler} steps ({SCHEDULERS[self.scheduler].cls})"
@@ -116,16 +128,25 @@ def sample(
     reduction: str = "mean",
     decode: bool = True,
     progress: bool = False,
+    prompt_embeds: Tensor | None = None,
+    window: Any = None,
 ) -> Sampled:
     """Sample one image per prompt, prompt i drawing all its noise from `generators[i]`.
 
     guidance_scale: overrides `settings.guidance_scale` (a prompt set's per-row guidance).
     defense: what `safediff.defenses.stack.apply_defenses` returns beside the defended model:
         "negative_embeds" ([1, L, D], replaces the negative prompt's embeddings) and/or
-        "guidance" (sampler hooks, `rollout`'s `guidance`). None samples undefended.
+        "guidance" (sampler hooks, `rollout`'s `guidance`). None samples undefended. A hook
+        with a `for_prompts(prompts, prompt_embeds, num_steps)` method (SAFREE) is replaced by
+        what that returns, bound to these prompts (it may condition steps differently, see
+        `GuidedPredictor`).
     initial_noise, reduction, decode, progress: as in `rollout`.
+    prompt_embeds: [N, L, D] conditioning used instead of encoding `prompts` (an embedding
+        attack's result); `prompts` then only counts the samples (N = len(prompts)).
     The images do not depend on `settings.batch_size`. With a scheduler other than "ddim" the
     trajectory comes from `scheduler_rollout` (its log_probs are zeros; `reduction` is unused).
+    Flow models (schedule a `FlowSchedule`: SD3, FLUX) go to `safediff.sampling.flow.flow_sample`
+    (settings.eta is the SDE noise level a; window: an `SDEWindow`, SDE steps only inside it).
     """
     scale = settings.guidance_scale if guidance_scale is None else float(guidance_scale)
     extra = dict(defense or {})
@@ -134,7 +155,43 @@ def sample(
     if extra:
         raise SafediffError(f"unknown defense sampling arguments: {', '.join(sorted(extra))}")
     device = next(model.unet.parameters()).device
-    cond = model.encode_text(list(prompts), device)  # [N, L, D]
+    if prompt_embeds is None:
+        cond = model.encode_text(list(prompts), device)  # [N, L, D]
+    elif prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != len(prompts):
+        raise SafediffError(
+            f"prompt_embeds must be [N, L, D] with N = {len(prompts)} prompts, got "
+            f"{list(prompt_embeds.shape)}"
+        )
+    else:
+        cond = prompt_embeds.to(device)
+    if is_flow_schedule(model.schedule):  # SD3 / FLUX: the flow SDE sampler (sampling/flow.py)
+        traj, uncond = flow_sample(
+            model,
+            cond,
+            generators,
+            settings,
+            scale,
+            negative,
+            hooks,
+            window=window,
+            initial_noise=initial_noise,
+            reduction=reduction,
+            decode=decode,
+            progress=progress,
+        )
+        return Sampled(traj, cond, uncond)
+    if any(hasattr(h, "for_prompts") for h in hooks):  # hooks that filter the prompts (SAFREE)
+        if prompt_embeds is not None:
+            raise SafediffError(
+                "a defense of this stack (safree) filters the prompts' tokens; it cannot act on "
+                "given prompt_embeds: sample from prompts, or drop that defense"
+            )
+        hooks = [
+            h.for_prompts(list(prompts), cond, settings.num_steps)
+            if hasattr(h, "for_prompts")
+            else h
+            for h in hooks
+        ]
     cfg = scale != 1  # as `predict_noise`: a scale of 1 is the conditional output alone
     if cfg and negative is None:
         negative = model.encode_text([settings.negative_prompt], device)  # [1, L, D]
