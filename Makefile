@@ -19,7 +19,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests bench recipes experiments
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 bench: install
 	$(PY) bench/bench_grpo_epoch.py

@@ -484,7 +484,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29531",
+        "29543",
         str(Path(__file__).parent / "dist_worker.py"),
         str(out),
         *base,

@@ -334,7 +334,8 @@ DES_STEPS = 12
 
 @pytest.mark.slow
 def test_defenses_lower_the_unsafe_rate_and_the_full_stack_runs(tmp_path):
-    prepared = prepare_defenses(tmp_path, des_max_steps=DES_STEPS, progress=False)
+    # ESD trains for minutes; tests/test_esd.py runs it on the sandbox
+    prepared = prepare_defenses(tmp_path, des_max_steps=DES_STEPS, progress=False, esd_cfg=None)
     rows = {
         "base": (None, ""),
         "negative prompt": (None, prepared.spec("negprompt")),
