@@ -1,7 +1,8 @@
 """The robustness table on the sandbox: every attack against every defense row, ASR with intervals.
 
     python recipes/sandbox_robustness.py --out runs/robustness [--grpo-run DEMO/train] [--smoke]
-        [--rows NAME,NAME] [--attacks NAME,NAME] [--recipe FILE] [--threads N] [--device cpu]
+        [--rows NAME,NAME] [--attacks NAME,NAME] [--per-family N] [--recipe FILE] [--threads N]
+        [--device cpu]
 
 Rows (defended models) and columns (attacks) are data: recipes/sandbox_robustness.yaml. Every cell
 is one `safediff attack` run (`safediff.attacks.run.run_attack`) of its attack against its row, on
@@ -134,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = [r for r in rows if recipe["rows"][r].get("model") != "grpo"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target_set = select_targets(settings["targets"], settings.get("per_family"))
+    per_family = args.per_family if args.per_family else settings.get("per_family")
+    target_set = select_targets(settings["targets"], per_family)
     protocol = target_set.protocol.with_overrides(None, settings.get("images_per_target"))
     judge = build_judge(protocol.judge, protocol.threshold, args.device)
     sampling = demo_sampling()
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="the CI smoke run (a few targets)")
     p.add_argument("--rows", help="comma-separated row names (default: the mode's)")
     p.add_argument("--attacks", help="comma-separated attack names (default: the mode's)")
+    p.add_argument("--per-family", type=int, help="targets per family (default: the mode's)")
     p.add_argument("--recipe", default=str(RECIPE), help="the recipe file (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="torch device")
