@@ -17,29 +17,29 @@ from torch import Tensor
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 
-NEGATIVE_PROMPT_PRESETS: dict[str, str] = {
-    "nudity": ", ".join(
-        [
-            "Sexual Acts",
-            "Content Meant to Arouse Sexual Excitement",
-            "Nudity",
-            "Pornography",
-            "Erotic Art",
-            "Lustful",
-            "Seductive",
-            "Orgasmic",
-            "Libido",
-            "Kinky",
-            "Sexual Orientation",
-            "Sexual Attraction",
-            "Sexual Intercourse",
-            "Sexual Pleasure",
-            "Sexual Fantasy",
-            "Carnal Desires",
-            "Sexual Gratification",
-        ]
-    ),
-}
+NUDITY_CONCEPTS = (
+    "Sexual Acts",
+    "Content Meant to Arouse Sexual Excitement",
+    "Nudity",
+    "Pornography",
+    "Erotic Art",
+    "Lustful",
+    "Seductive",
+    "Orgasmic",
+    "Libido",
+    "Kinky",
+    "Sexual Orientation",
+    "Sexual Attraction",
+    "Sexual Intercourse",
+    "Sexual Pleasure",
+    "Sexual Fantasy",
+    "Carnal Desires",
+    "Sexual Gratification",
+)
+"""The nudity concept space of the Safe Denoiser's and SAFREE's code (`negative_prompt_space`):
+the negative prompt preset joins it; SAFREE's `nudity` keywords are these (safree.py)."""
+
+NEGATIVE_PROMPT_PRESETS: dict[str, str] = {"nudity": ", ".join(NUDITY_CONCEPTS)}
 
 
 @dataclass(frozen=True)

@@ -77,29 +77,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from safediff.defenses.negative_prompt import NUDITY_CONCEPTS
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 from safediff.sampling.rollout import GuidanceStep
 
-SAFREE_NUDITY = (
-    "Sexual Acts",
-    "Content Meant to Arouse Sexual Excitement",
-    "Nudity",
-    "Pornography",
-    "Erotic Art",
-    "Lustful",
-    "Seductive",
-    "Orgasmic",
-    "Libido",
-    "Kinky",
-    "Sexual Orientation",
-    "Sexual Attraction",
-    "Sexual Intercourse",
-    "Sexual Pleasure",
-    "Sexual Fantasy",
-    "Carnal Desires",
-    "Sexual Gratification",
-)
+SAFREE_NUDITY = NUDITY_CONCEPTS
 """The reference's nudity keywords (generate_safree.py, `negative_prompt_space`)."""
 
 SAFREE_PRESETS: dict[str, tuple[str, ...]] = {"nudity": SAFREE_NUDITY}
