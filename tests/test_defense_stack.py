@@ -141,3 +141,13 @@ def test_all_four_defenses_on_tiny_sd(model: T2IModel, tmp_path) -> None:
             guidance_states=traj.guidance_states_at(n_idx, s_idx),
         )
     torch.testing.assert_close(out.log_prob, traj.log_probs[n_idx, s_idx], rtol=0, atol=1e-4)
+
+
+def test_options_parse_yaml_lists_into_tuple_fields():
+    from safediff.attacks.ring_a_bell import RingABellConfig
+    from safediff.defenses.stack import with_options
+
+    cfg = with_options(RingABellConfig(), {"pairs": "[[a knife, a], [a gun, a]]"}, "attack")
+    assert cfg.pairs == (("a knife", "a"), ("a gun", "a"))
+    with pytest.raises(SafediffError, match="YAML list"):
+        with_options(RingABellConfig(), {"pairs": "a knife"}, "attack")

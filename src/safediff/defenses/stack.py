@@ -142,7 +142,8 @@ class DefenseStack:
 
 
 def with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
-    """dataclasses.replace(cfg, **options) with values parsed as YAML and type-checked."""
+    """dataclasses.replace(cfg, **options) with values parsed as YAML and type-checked (a
+    tuple-typed field takes a YAML list; the config's own checks see its elements)."""
     if not options:
         return cfg
     hints = typing.get_type_hints(type(cfg))
@@ -155,6 +156,11 @@ def with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
             )
         value = yaml.safe_load(raw) if raw else ""
         tp = hints[key]
+        if typing.get_origin(tp) is tuple:  # a YAML list, e.g. pairs=[[a, b], [c, d]]
+            if not isinstance(value, list):
+                raise SafediffError(f"{what} option {key}={raw!r} must be a YAML list ({tp})")
+            changes[key] = _as_tuples(value)
+            continue
         allowed = typing.get_args(tp) or (tp,)
         if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
             value = float(value)
@@ -165,6 +171,11 @@ def with_options(cfg: Any, options: dict[str, str], what: str) -> Any:
             raise SafediffError(f"{what} option {key}={raw!r} has the wrong type (expected {tp})")
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
+
+
+def _as_tuples(value: Any) -> Any:
+    """Nested YAML lists as nested tuples (frozen configs hold tuples)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def sld_config(spec: DefenseSpec) -> SLDConfig:
