@@ -60,10 +60,9 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
 def mode_plan(recipe: dict[str, Any], mode: str, rows: list[str] | None, attacks: list[str] | None):
     """(rows, attacks, settings) of a run: the mode's rows/attacks unless given."""
     settings = dict(recipe[mode])
-    row_names = rows or settings.pop("rows", None) or list(recipe["rows"])
-    attack_names = attacks or settings.pop("attacks", None) or list(recipe["attacks"])
-    settings.pop("rows", None)
-    settings.pop("attacks", None)
+    mode_rows, mode_attacks = settings.pop("rows", None), settings.pop("attacks", None)
+    row_names = rows or mode_rows or list(recipe["rows"])
+    attack_names = attacks or mode_attacks or list(recipe["attacks"])
     for what, names, known in (("row", row_names, recipe["rows"]),
                                ("attack", attack_names, recipe["attacks"])):  # fmt: skip
         bad = [n for n in names if n not in known]

@@ -38,8 +38,16 @@ def _check_des_numbers(cfg: Any) -> None:
         raise SafediffError(f"invalid DES config: seed {cfg.seed} is outside [0, 2**63 - 1]")
 
 
-def _cmd_des_train(args: argparse.Namespace) -> int:
+def _config_from_flags(args: argparse.Namespace, flags: dict[str, Any], cls: type) -> Any:
+    """`cls` from --config, then the given flags, then the KEY=VALUE overrides. Flags go in as
+    JSON-quoted overrides (a concept such as "yes" must stay a string)."""
     from safediff.config import load_config
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return load_config(args.config, [*overrides, *args.overrides], cls=cls)
+
+
+def _cmd_des_train(args: argparse.Namespace) -> int:
     from safediff.defenses.des import DESConfig, run_des
 
     flags = {
@@ -49,9 +57,7 @@ def _cmd_des_train(args: argparse.Namespace) -> int:
         "concept": args.concept,
         "output_dir": args.output_dir,
     }
-    # Flags go in as JSON-quoted overrides (a concept such as "yes" must stay a string).
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_config(args.config, [*overrides, *args.overrides], cls=DESConfig)
+    cfg = _config_from_flags(args, flags, DESConfig)
     _check_des_numbers(cfg)
     out = run_des(cfg, device=args.device, progress=not args.no_progress)
     print(f"DES text encoder written to {out} (use it with the defense spec des:{out})")
@@ -59,7 +65,6 @@ def _cmd_des_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_esd_train(args: argparse.Namespace) -> int:
-    from safediff.config import load_config
     from safediff.defenses.esd import ESDConfig, run_esd
 
     flags = {
@@ -68,9 +73,7 @@ def _cmd_esd_train(args: argparse.Namespace) -> int:
         "variant": args.variant,
         "output_dir": args.output_dir,
     }
-    # Flags go in as JSON-quoted overrides (a concept such as "yes" must stay a string).
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_config(args.config, [*overrides, *args.overrides], cls=ESDConfig)
+    cfg = _config_from_flags(args, flags, ESDConfig)
     out = run_esd(cfg, device=args.device, progress=not args.no_progress)
     print(f"ESD UNet written to {out} (use it with the defense spec esd:{out})")
     return 0
