@@ -75,7 +75,7 @@ def _cmd_esd_train(args: argparse.Namespace) -> int:
     }
     cfg = _config_from_flags(args, flags, ESDConfig)
     out = run_esd(cfg, device=args.device, progress=not args.no_progress)
-    print(f"ESD UNet written to {out} (use it with the defense spec esd:{out})")
+    print(f"ESD denoiser written to {out} (use it with the defense spec esd:{out})")
     return 0
 
 
@@ -146,19 +146,24 @@ def add_esd_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = esd.add_subparsers(dest="esd_command", required=True)
     p = sub.add_parser(
         "train",
-        help="fine-tune the UNet against the concept's guidance direction (resumable)",
-        description="ESD (Gandikota et al. 2023): fine-tune a copy of the UNet so its prediction "
-        "for the concept moves opposite to the concept's guidance direction. Writes a diffusers "
-        "UNet folder (use it as the defense esd:FOLDER); an interrupted run resumes from "
-        "OUTPUT/checkpoint/.",
+        help="fine-tune the denoiser against the concept's guidance direction (resumable)",
+        description="ESD (Gandikota et al. 2023): fine-tune a copy of the denoiser (UNet, or "
+        "SD3 / FLUX transformer) so its prediction for the concept moves opposite to the "
+        "concept's guidance direction. Writes a diffusers folder of it (use it as the defense "
+        "esd:FOLDER on the same base model); an interrupted run resumes from OUTPUT/checkpoint/.",
     )
-    p.add_argument("--model", help="base model: tiny-sd, sandbox, a pipeline folder or a hub id")
+    p.add_argument(
+        "--model",
+        help="base model: tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, sandbox, a pipeline folder "
+        "(SD, SDXL, SD3, FLUX) or a hub id",
+    )
     p.add_argument("--concept", help="concept(s) to erase, '|'-separated, e.g. 'weapon|skull'")
     p.add_argument(
-        "--variant", choices=("x", "u", "full"), help="x: cross-attention only (default); "
-        "u: everything but cross-attention; full: all parameters",
+        "--variant", choices=("x", "u", "full"), help="x: what reads the text only (default; "
+        "UNet cross-attention, SD3 / FLUX joint attention's context projections); u: everything "
+        "else; full: all parameters",
     )  # fmt: skip
-    p.add_argument("--output-dir", help="where the trained UNet is written")
+    p.add_argument("--output-dir", help="where the trained UNet / transformer is written")
     p.add_argument("--config", help="a YAML file of ESDConfig fields")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,38 +2,73 @@
 
 Paper: Gandikota, Materzynska, Fiotto-Kaufman & Bau, "Erasing Concepts from Diffusion Models"
 (ICCV 2023, arXiv 2303.07345); reference code github.com/rohitgandikota/erasing (esd_sd.py,
-esd_diffusers.py and the CompVis train-esd.py it replaced).
+esd_sdxl.py, esd_diffusers.py and the CompVis train-esd.py it replaced).
 
 Notation: theta is the frozen original denoiser, theta' the copy being trained, c a concept
-prompt's token states, '' the empty prompt's, eta the negative guidance.
+prompt's conditioning, '' the empty prompt's, eta the negative guidance.
 
-1. Reach x_t: draw x_T ~ N(0, I), run k deterministic DDIM steps (eta 0) of the *frozen* model
-   with CFG `start_guidance` on the concept prompt (the image the model would draw of c), k drawn
-   uniformly from {0, ..., ddim_steps - 1}; x_t lives at the k-th DDIM timestep t = ts[k].
-2. Target (Eq. 4 of the paper):  eps* = eps_theta(x_t, '', t) - eta [eps_theta(x_t, c, t) -
-   eps_theta(x_t, '', t)], the frozen model's prediction guided *away* from c.
-3. Loss: L = mean over elements of (eps_theta'(x_t, c, t) - eps*)^2 (torch's MSELoss); one Adam
+1. Reach x_t: draw x_T ~ N(0, I), run k deterministic steps of the *frozen* model's sampler with
+   guidance `start_guidance` on the concept prompt (the image the model would draw of c), k drawn
+   uniformly from {0, ..., ddim_steps - 1}. DDPM-type models (SD 1.x/2.x, SDXL, the sandbox): DDIM
+   steps (eta 0) with CFG, x_t at the k-th DDIM timestep t = ts[k]. Flow models (SD3, FLUX): Euler
+   steps of the flow ODE (`sampling/flow.py`, a = 0) on the FlowMatchEuler sigmas of the model's
+   schedule, x_t at sigma_k, t = sigma_k * N; SD3 and FLUX-schnell guide with CFG, FLUX-dev takes
+   start_guidance as its distilled guidance input (`resolve_flow_guidance`).
+2. Target (Eq. 4 of the paper), in the denoiser's own output units:
+       eps* = eps_theta(x_t, '', t) - eta [eps_theta(x_t, c, t) - eps_theta(x_t, '', t)]
+   and for flow models, with the velocity v = eps - x0,
+       v*   = v_theta(x_t, '', t)   - eta [v_theta(x_t, c, t)   - v_theta(x_t, '', t)],
+   the frozen model's prediction guided *away* from c.
+3. Loss: L = mean over elements of (out_theta'(x_t, c, t) - target)^2 (torch's MSELoss); one Adam
    step per x_t. With several concepts, each step draws one uniformly (esd_diffusers.py).
-4. Parameter groups (`esd_parameter_names`): ESD-x ("x") trains the cross-attention modules
-   (`attn2`) only, ESD-u ("u") every other parameter, "full" all of them. A denoiser without
-   `attn2` modules has no cross-attention: SafediffError.
+4. Parameter groups (`esd_parameter_names`): ESD-x ("x") trains the modules that read the text,
+   ESD-u ("u") every other parameter, "full" all of them.
+   - UNets (SD, SDXL, the sandbox): x = the cross-attention modules (`attn2`). A UNet without
+     `attn2` modules has no cross-attention: SafediffError.
+   - SD3 (joint attention, MM-DiT): x = the attention's context projections, the ones that read
+     or write the text stream: add_q_proj, add_k_proj, add_v_proj, to_add_out (and the
+     norm_added_q / norm_added_k scales where qk-norm is on). The image tokens' to_q/to_k/to_v
+     and SD3.5's image-only `attn2` belong to u. (The last block is context_pre_only: its text
+     stream's output is discarded, so its add_q_proj gets no gradient and does not move.)
+   - FLUX: x = the same context projections of the double-stream blocks (`transformer_blocks`).
+     Its single-stream blocks run one attention over [text; image] tokens with shared to_q/to_k/
+     to_v weights, so no parameter there reads the text alone; they belong to u (editing them
+     would move every image token's attention as much as the text's).
+
+Model families: the conditioning is `T2IModel.encode_text`'s packed tensor, so each family's
+extra conditioning travels with its prompt. SDXL: the UNet's added conditioning (pooled text
+embedding and time ids, models/sdxl.py) is the concept's for the conditional prediction and the
+empty prompt's for the unconditional one. SD3 / FLUX: the pooled projections likewise.
+FLUX-dev is guidance-distilled: sampling makes no unconditional pass, but its transformer still
+takes an empty prompt, and v_theta(x_t, '', t) with guidance input g is (by the distillation)
+close to the unconditional velocity; the target's three predictions (trained on c, frozen on c
+and on '') are all taken at the guidance input `TARGET_GUIDANCE` = 1, where the distilled
+model's v(x, c) and v(x, '') stand for the plain conditional and unconditional velocities that
+Eq. 4 combines (a larger g would fold CFG into both terms). The trained model is then
+sampled at any g as usual. (Public FLUX ports of ESD do the same: guidance 1 for the training
+passes, the sampling guidance only to reach x_t.)
 
 Where this departs from the reference code, and why:
 - x_t comes from the frozen model (as esd_sd.py does); the CompVis train-esd.py sampled it with the
   model under training. The frozen model makes the training data independent of the run so far.
 - the trained timestep is the DDIM timestep x_t really lives at (esd_sd.py). esd_diffusers.py
   re-labels step k of 50 as int(k / 50 * 1000) and draws k from {1, ..., 48}.
-- ESD-u is "every parameter not under an attn2 module" (the paper's "non-cross-attention"). The
-  CompVis code also left out the time embedding and the output layer; esd_sd.py trains only the
+- ESD-u is "every parameter not in ESD-x" (the paper's "non-cross-attention"). The CompVis code
+  also left out the time embedding and the output layer; esd_sd.py and esd_sdxl.py train only the
   Linear and Conv2d layers (not the norms). The unet's own `encoder_hid_proj` (the sandbox's
-  384 -> 96 text projection) is not cross-attention, so it belongs to ESD-u.
+  384 -> 96 text projection) and the transformers' `context_embedder` are input projections, not
+  attention, so they belong to ESD-u.
+- SDXL's empty prompt: `encode_text("")` is zeros (token states and pooled embedding, time ids
+  kept), the unconditional input SDXL's CFG samples with (force_zeros_for_empty_prompt);
+  esd_sdxl.py passes negative_prompt="" to encode_prompt and so encodes "" with the encoders.
 - `batch_size` samples per step share the step's concept and k, each from its own x_T (the
   reference uses one sample per step, the default here).
 - every random draw of step s comes from generator(derive_seed(seed, "esd", s)) (concept, k,
   x_T), so a resumed run equals an uninterrupted one without saving RNG states.
 - v-prediction models: the target is formed on the raw network outputs; since v is affine in eps
   for a fixed x_t and t, and the target's coefficients (1 + eta, -eta) sum to one, this is the
-  same target up to the per-timestep scale of the MSE.
+  same target up to the per-timestep scale of the MSE. So are flow velocities: for fixed x_t and
+  t, v = (eps - x_t) / (1 - t), so v* is eps* in velocity units.
 
 Defaults: the paper's (eta 1.0, 1000 steps, lr 1e-5, Adam, 50 DDIM steps, start guidance 3).
 
@@ -74,6 +109,14 @@ from safediff.config import to_dict
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 from safediff.sampling.ddim import ddim_step_with_logprob
+from safediff.sampling.flow import (
+    FlowSchedule,
+    flow_sde_step,
+    flow_velocity,
+    has_guidance_input,
+    is_flow_schedule,
+    resolve_flow_guidance,
+)
 from safediff.sampling.schedule import DDIMSchedule
 from safediff.seeding import derive_seed, generator
 
@@ -87,6 +130,18 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 """The UNet weights `save_pretrained` writes (safetensors)."""
 META_FILE = "esd.json"
 SEED_MAX = 2**63 - 1
+TARGET_GUIDANCE = 1.0
+"""The guidance input of a guidance-distilled transformer (FLUX-dev) for the target's and the
+trained model's predictions (see the module docstring)."""
+TEXT_STREAM_ATTENTION = (
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "norm_added_q",
+    "norm_added_k",
+)
+"""An SD3 / FLUX joint attention's modules on the text stream: ESD-x of a flow transformer."""
 _RESUME_FREE = ("steps", "save_every", "keep_checkpoint", "output_dir")
 """Fields a resumed run may change; every other field must equal the checkpoint's."""
 
@@ -96,11 +151,13 @@ class ESDConfig:
     """An ESD run. Defaults are the paper's (Section 4 / Appendix of Gandikota et al. 2023)."""
 
     model: str = "tiny-sd"
-    """Base model: 'tiny-sd', 'sandbox', a diffusers pipeline folder or a hub id."""
+    """Base model: 'tiny-sd', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'sandbox', a diffusers
+    pipeline folder (SD, SDXL, SD3, FLUX) or a hub id."""
     concept: str = "nudity"
     """The concept(s) to erase, '|'-separated (e.g. 'weapon|skull|fire'); one drawn per step."""
     variant: str = "x"
-    """x: cross-attention (attn2) only; u: every parameter but attn2; full: all parameters."""
+    """x: the attention modules that read the text (UNet: attn2; SD3 / FLUX: the joint
+    attention's context projections); u: every other parameter; full: all parameters."""
     negative_guidance: float = 1.0
     """eta >= 0: how far the target is pushed against the concept's guidance direction."""
     steps: int = 1000
@@ -110,9 +167,11 @@ class ESDConfig:
     batch_size: int = 1
     """x_t samples per step (>= 1); they share the step's concept and k."""
     ddim_steps: int = 50
-    """DDIM steps of the schedule x_t is drawn from (1 ... num_train_timesteps)."""
+    """Sampler steps of the schedule x_t is drawn from: DDIM steps (1 ... num_train_timesteps),
+    or flow ODE steps for SD3 / FLUX."""
     start_guidance: float = 3.0
-    """CFG scale of the frozen model while it denoises to x_t (the reference's 3)."""
+    """Guidance of the frozen model while it denoises to x_t (the reference's 3): the CFG scale,
+    or FLUX-dev's distilled guidance input."""
     seed: int = 0
     """Base seed of every step's draws (concept, k, x_T), in [0, 2**63 - 1]."""
     output_dir: str = "runs/esd"
@@ -157,7 +216,8 @@ class ESDConfig:
 def esd_target(eps_uncond: Tensor, eps_cond: Tensor, negative_guidance: float) -> Tensor:
     """eps* = eps_uncond - eta (eps_cond - eps_uncond), float32, the shape of the inputs.
 
-    eps_uncond, eps_cond: [B, C, h, w] frozen predictions at (x_t, t) for '' and the concept.
+    eps_uncond, eps_cond: [B, C, h, w] frozen predictions at (x_t, t) for '' and the concept
+    (noise predictions, or velocities for a flow model: v* has the same form).
     """
     u, c = eps_uncond.float(), eps_cond.float()
     return u - negative_guidance * (c - u)
@@ -167,7 +227,7 @@ def esd_loss(
     eps_trained: Tensor, eps_uncond: Tensor, eps_cond: Tensor, negative_guidance: float
 ) -> Tensor:
     """mean((eps_trained - eps*)^2), a 0-dim float32 tensor; the gradient flows into eps_trained
-    only (the target is detached). All inputs [B, C, h, w]."""
+    only (the target is detached). All inputs [B, C, h, w], in the denoiser's output units."""
     target = esd_target(eps_uncond.detach(), eps_cond.detach(), negative_guidance)
     return F.mse_loss(eps_trained.float(), target)
 
@@ -176,32 +236,65 @@ def _is_cross_attention(name: str) -> bool:
     return "attn2" in name.split(".")
 
 
+def _reads_text_stream(name: str) -> bool:
+    """A parameter of a joint attention's text-stream module ('...attn.add_k_proj.weight')."""
+    parts = name.split(".")
+    return any(
+        part in TEXT_STREAM_ATTENTION and i > 0 and parts[i - 1] == "attn"
+        for i, part in enumerate(parts)
+    )
+
+
+def denoiser_family(unet: nn.Module) -> str:
+    """'sd3' or 'flux' for an SD3 / FLUX transformer (by its class), else 'unet'."""
+    name = type(unet).__name__
+    if "Flux" in name and "Transformer" in name:
+        return "flux"
+    if "SD3" in name and "Transformer" in name:
+        return "sd3"
+    return "unet"
+
+
 def esd_parameter_names(unet: nn.Module, variant: str) -> list[str]:
     """Names of the parameters `variant` trains, in `named_parameters` order.
 
-    x: those under an `attn2` module (cross-attention); u: all others; full: all.
-    SafediffError for an unknown variant or a denoiser without cross-attention.
+    x: the modules that read the text (a UNet's `attn2`; an SD3 / FLUX transformer's joint
+    attention context projections, `TEXT_STREAM_ATTENTION`); u: all others; full: all.
+    SafediffError for an unknown variant or a denoiser with no such module.
     """
     if variant not in VARIANTS:
         raise SafediffError(f"unknown ESD variant {variant!r}; variants: {', '.join(VARIANTS)}")
     names = [n for n, _ in unet.named_parameters()]
-    if not any(_is_cross_attention(n) for n in names):
-        raise SafediffError(
-            f"{type(unet).__name__} has no cross-attention (attn2) modules; ESD needs a "
-            "text-conditioned UNet"
+    family = denoiser_family(unet)
+    reads_text = _is_cross_attention if family == "unet" else _reads_text_stream
+    if not any(reads_text(n) for n in names):
+        what = (
+            "cross-attention (attn2) modules; ESD needs a text-conditioned UNet"
+            if family == "unet"
+            else "joint-attention context projections (add_k_proj, ...)"
         )
+        raise SafediffError(f"{type(unet).__name__} has no {what}")
     if variant == "x":
-        return [n for n in names if _is_cross_attention(n)]
+        return [n for n in names if reads_text(n)]
     if variant == "u":
-        return [n for n in names if not _is_cross_attention(n)]
+        return [n for n in names if not reads_text(n)]
     return names
 
 
-def _eps(unet: nn.Module, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-    """unet(x [B, C, h, w], t [B], emb [B, L, D]).sample as float32, inputs cast to the unet."""
+def _predict(
+    unet: nn.Module, x: Tensor, t: Tensor, emb: Tensor, guidance: float | None = None
+) -> Tensor:
+    """unet(x [B, C, h, w], t [B], emb [B, L, D][, guidance [B]]).sample as float32 (noise or
+    velocity), inputs cast to the unet; `guidance`: a distilled transformer's guidance input."""
     p = next(unet.parameters())
+    kwargs = {}
+    if guidance is not None:
+        kwargs["guidance"] = torch.full((x.shape[0],), float(guidance), device=p.device)
     out = unet(
-        x.to(p.device, p.dtype), t.to(p.device), encoder_hidden_states=emb.to(p.device, p.dtype)
+        x.to(p.device, p.dtype),
+        t.to(p.device),
+        encoder_hidden_states=emb.to(p.device, p.dtype),
+        **kwargs,
     )
     return out.sample.float()
 
@@ -229,11 +322,46 @@ def denoise_to_step(
     x = x_T.float()
     for i in range(k):
         t = ts[i].expand(batch)
-        u, c = _eps(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        u, c = _predict(
+            unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
+        ).chunk(2)
         eps = u + guidance_scale * (c - u)
         x = ddim_step_with_logprob(
             schedule, eps, t, prev[i].expand(batch), x, 0.0, noise=torch.zeros_like(x)
         ).prev_sample
+    return x, ts[k].expand(batch).clone()
+
+
+@torch.no_grad()
+def flow_denoise_to_step(
+    unet: nn.Module,
+    schedule: FlowSchedule,
+    x_T: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    guidance_scale: float,
+    num_steps: int,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """(x_t, t): k Euler steps of the flow ODE of `unet` (an SD3 / FLUX transformer) from x_T.
+
+    The sigmas are the schedule's for num_steps steps at x_T's size (`FlowSchedule.for_latent`,
+    FLUX's resolution shift); guidance as the flow sampler applies it (`resolve_flow_guidance`:
+    CFG against `uncond`, or FLUX-dev's guidance input). x_T: [B, C, h, w]; cond, uncond:
+    [B, L, D]; 0 <= k < num_steps. Returns x_t [B, C, h, w] float32 at sigma_k and t [B] float32
+    = sigma_k * N, the transformer's timestep there (k = 0: x_T, sigma 1).
+    """
+    if not 0 <= k < num_steps:
+        raise SafediffError(f"k must be in [0, {num_steps - 1}], got {k}")
+    batch = x_T.shape[0]
+    x = x_T.float()
+    sigmas = schedule.for_latent(*x.shape[-2:]).sigmas(num_steps).to(x.device)
+    ts = sigmas[:-1] * schedule.num_train_timesteps
+    scale, guidance = resolve_flow_guidance(unet, guidance_scale, None)
+    negative = uncond if scale != 1 else None
+    for i in range(k):
+        v = flow_velocity(unet, x, ts[i].expand(batch), cond, negative, scale, guidance=guidance)
+        x = flow_sde_step(sigmas, v, x, i, 0.0, noise=torch.zeros_like(x)).prev_sample
     return x, ts[k].expand(batch).clone()
 
 
@@ -332,6 +460,8 @@ def train_esd(
 ) -> ESDResult:
     """Train a copy of `model.unet` with ESD for cfg.steps steps; `model` itself is untouched.
 
+    model: SD 1.x/2.x, SDXL or the sandbox (DDIM schedule: eps or v targets) or SD3 / FLUX (flow
+        schedule: velocity targets, x_t from the flow ODE); see the module docstring.
     model.unet is the frozen theta (run under no_grad; its weights and flags are not changed).
     checkpoint_dir: where a resumable checkpoint goes every cfg.save_every steps and at the end;
         a checkpoint already there (same config but steps / save_every) is resumed from.
@@ -372,19 +502,23 @@ def train_esd(
 
         bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="esd", unit="step")
     b = cfg.batch_size
+    flow = is_flow_schedule(model.schedule)
+    reach = flow_denoise_to_step if flow else denoise_to_step
+    # a guidance-distilled transformer (FLUX-dev) takes its guidance as an input: see the docstring
+    g = TARGET_GUIDANCE if flow and has_guidance_input(frozen) else None
     while step < cfg.steps:
         d = _draws(cfg, step, len(concepts), tuple(model.latent_shape))
         cond = cond_all[d.concept : d.concept + 1].expand(b, -1, -1)
         unc = uncond.expand(b, -1, -1)
         x_T = d.x_T.to(device)
-        x_t, t = denoise_to_step(
+        x_t, t = reach(
             frozen, model.schedule, x_T, cond, unc, cfg.start_guidance, cfg.ddim_steps, d.k
         )
         with torch.no_grad():
-            e_u, e_c = _eps(
-                frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([unc, cond])
+            e_u, e_c = _predict(
+                frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([unc, cond]), g
             ).chunk(2)
-        loss = esd_loss(_eps(trained, x_t, t, cond), e_u, e_c, cfg.negative_guidance)
+        loss = esd_loss(_predict(trained, x_t, t, cond, g), e_u, e_c, cfg.negative_guidance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -416,9 +550,10 @@ def run_esd(
 ) -> Path:
     """Train ESD on `model` (loaded from cfg.model when None) and write cfg.output_dir.
 
-    The folder holds the trained UNet as diffusers writes it (`save_pretrained`: config.json +
-    diffusion_pytorch_model.safetensors, loadable with UNet2DConditionModel.from_pretrained and
-    by the defense spec `esd:FOLDER`) and esd.json (config, trained parameter count, losses,
+    The folder holds the trained denoiser as diffusers writes it (`save_pretrained`: config.json +
+    diffusion_pytorch_model.safetensors, loadable with UNet2DConditionModel /
+    SD3Transformer2DModel / FluxTransformer2DModel.from_pretrained and by the defense spec
+    `esd:FOLDER` on the same base model) and esd.json (config, trained parameter count, losses,
     seconds). Interrupted runs resume from OUTPUT/checkpoint/ (removed at the end unless
     cfg.keep_checkpoint).
     """
@@ -446,6 +581,7 @@ def run_esd(
         "method": "esd",
         "config": to_dict(cfg),
         "base_model": model.source,
+        "denoiser": type(result.unet).__name__,
         "trained_parameters": n_trained,
         "trained_tensors": len(result.trained),
         "seconds": result.seconds,
@@ -456,7 +592,7 @@ def run_esd(
         shutil.rmtree(ckpt, ignore_errors=True)
     if result.losses:
         logger.info(
-            "ESD: %d steps in %.1f s, loss %.4g -> %.4g; UNet written to %s",
+            "ESD: %d steps in %.1f s, loss %.4g -> %.4g; denoiser written to %s",
             len(result.losses), result.seconds, result.losses[0], result.losses[-1], out,
         )  # fmt: skip
     return out
@@ -466,11 +602,23 @@ def run_esd(
 # The defense: esd:FOLDER
 
 
-def load_esd_unet(unet: nn.Module, folder: str | Path) -> nn.Module:
-    """A copy of `unet` with the weights of an ESD folder (`run_esd`'s output).
+def _saved_class(folder: Path) -> str | None:
+    """The diffusers class name in a saved folder's config.json (None when unreadable)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
 
-    SafediffError (one line) when the folder has no weights or they do not fit `unet`'s
-    architecture (missing / unexpected tensors or other shapes).
+
+def load_esd_unet(unet: nn.Module, folder: str | Path) -> nn.Module:
+    """A copy of `unet` (a UNet or an SD3 / FLUX transformer, with its safediff call hooks) with
+    the weights of an ESD folder (`run_esd`'s output).
+
+    SafediffError (one line) when the folder has no weights, holds another denoiser class (a
+    FLUX transformer for an SD3 base, ...), or its weights do not fit `unet`'s architecture
+    (missing / unexpected tensors or other shapes).
     """
     from safetensors.torch import load_file
 
@@ -478,6 +626,12 @@ def load_esd_unet(unet: nn.Module, folder: str | Path) -> nn.Module:
     if not path.is_file():
         raise SafediffError(
             f"esd:{folder} has no {WEIGHTS_FILE}; write one with `safediff esd train`"
+        )
+    saved_class = _saved_class(Path(folder))
+    if saved_class is not None and saved_class != type(unet).__name__:
+        raise SafediffError(
+            f"esd:{folder} holds a {saved_class}, but this model's denoiser is a "
+            f"{type(unet).__name__}; apply it to the base model it was trained on"
         )
     state = load_file(str(path))
     own = unet.state_dict()
@@ -498,7 +652,8 @@ def load_esd_unet(unet: nn.Module, folder: str | Path) -> nn.Module:
 def apply_esd(
     model: T2IModel, spec: Any, device: torch.device | str | None = None
 ) -> tuple[T2IModel, dict[str, Any]]:
-    """The defense `esd:FOLDER`: a copy of `model` whose UNet has the ESD folder's weights.
+    """The defense `esd:FOLDER`: a copy of `model` whose denoiser (UNet, or SD3 / FLUX
+    transformer) has the ESD folder's weights.
 
     spec: a `safediff.defenses.stack.DefenseSpec` (kind 'esd', arg FOLDER, no options).
     The input model is not modified; the copy shares everything but the UNet. No sampling hooks.

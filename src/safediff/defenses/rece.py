@@ -30,6 +30,10 @@ in the key/value projections' input space as in uce.py (after the sandbox's enco
 SDXL's packed row dropped), so c' is an input of the projections, not a text-encoder state.
 Solves are in float64.
 
+Model families: as uce.py (SD 1.x/2.x, the sandbox, SDXL; SD3 / FLUX refused there: their
+joint attention has no key/value projection whose inputs a prompt fixes, so neither UCE's edit
+nor RECE's closed-form embedding is defined).
+
 Give `preserve`: each round erases c' over all L rows (start and padding rows too), which
 also moves what every prompt shares; on the sandbox, RECE with only the empty prompt kept cost
 about 35 points of utility, with the six shape words kept about 10 (UCE: none).

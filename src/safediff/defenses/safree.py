@@ -53,10 +53,22 @@ Model families: SD 1.x / 2.x (CLIP text encoder: pooled = EOS state) and the san
 pooled = mean of the last hidden state over the attention mask, unnormalised, the space of its
 token states) get every part; the sandbox's calibrated self-validating filter is
 `SANDBOX_OPTIONS` (svf_mid=3;up_t=50: the nudity constants leave MiniLM prompts unfiltered after
-step 1). SDXL is refused: its conditioning is two encoders' token states
-concatenated (768 + 1280) plus a packed row of bigG's pooled embedding and time ids, and one
-keyword subspace does not cover both (the reference's SDXL pipeline mixes a 1280-wide pooled
-subspace from encoder 2 with the 2048-wide states). Models with no diffusers `up_blocks` get the
+step 1).
+
+SDXL is refused, though the paper reports SDXL numbers: SAFREE's projections are defined in one
+space, that of the text encoder's pooled embedding E(.), which for SD 1.x is also the space of
+the token states the UNet reads (CLIP's EOS state after the final layer norm is a row of the last
+hidden state). SDXL breaks both halves of that. Its token states are the *penultimate* hidden
+states of two encoders concatenated (768 + 1280), a space no pooled embedding lives in, and its
+pooled bigG projection (text_embeds, P = 1280) is a second conditioning channel that reaches the
+UNet through the added time embedding, not cross-attention, so filtering token rows would leave
+the concept in it. The reference's SDXL pipeline, as read for this module, mixes a 1280-wide
+pooled subspace from encoder 2 with the 2048-wide token states. Supporting it means redefining E(.) (e.g. per encoder, on the penultimate EOS
+rows) and filtering the pooled channel too: a new method, not the paper's, left out here.
+SD3 / FLUX are refused for the same reason (three encoders: CLIP-L, CLIP-G and T5 token rows in
+one joint width, pooled CLIP projections as a separate channel) and because the per-step
+conditioning and re-attention act on a UNet's noise prediction, which the flow sampler does not
+have (it takes velocity corrections only). Models with no diffusers `up_blocks` get the
 text side only (re-attention needs lra=false).
 
 Integration (composable with the stack): `apply_safree` returns the model unchanged and a guidance
@@ -292,8 +304,11 @@ class _Encoder:
 
         if model.components.get("text_encoder_2") is not None:
             raise SafediffError(
-                "safree needs a model with one text encoder (SD 1.x/2.x, the sandbox); this one "
-                "has several (SDXL, SD3, FLUX), whose states no single keyword subspace covers"
+                "safree needs a model with one text encoder whose pooled embedding lives in the "
+                "space of the token states the denoiser reads (SD 1.x/2.x, the sandbox); this one "
+                "(SDXL, SD3, FLUX) conditions on several encoders' states plus a separate pooled "
+                "channel, which one keyword subspace does not cover; use negprompt, the Safe "
+                "Denoiser or a weight edit (uce, rece, esd) instead"
             )
         adapter = adapter_for_model(model)
         self.tokenizer = adapter.tokenizer

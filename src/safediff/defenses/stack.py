@@ -34,6 +34,12 @@ negative prompt, "negative_embeds" ([1, L, D]; it replaces the caller's negative
 merge as `{"negative_embeds": own, **rollout_kwargs}`). Negative prompts and SLD only act with
 CFG (guidance_scale > 1); SLD raises without it. Any model works: a base model, a GRPO-trained
 UNet, a model whose encoder is already DES-trained.
+
+Model families: not every kind applies to every family (SD 1.x / sandbox, SDXL, SD3, FLUX); one
+that does not (UCE / RECE on SD3 and FLUX, SAFREE beyond SD 1.x, DES on SDXL, SLD on flow models,
+negprompt on FLUX-dev) raises a one-line SafediffError saying why, when applied or when sampled.
+The table, and the reasons, are in docs/results/defenses.md ("Which defense applies to which
+model family"; tests/test_baselines_families.py checks every cell).
 """
 
 import contextlib

@@ -31,6 +31,16 @@ output; for a UNet that first projects the token states (`encoder_hid_proj`, enc
 "text_proj", e.g. the sandbox's MiniLM 384 -> 96) the rows are projected first; for SDXL the
 packed extra row (pooled embedding and time ids, models/sdxl.py) is dropped before selecting rows.
 
+Model families: SD 1.x/2.x and the sandbox; SDXL (both encoders' concatenated token states are
+the key/value inputs, the packed row left out; the edit runs on every attn2 of the UNet).
+SD3 / FLUX are refused: their joint attention (MM-DiT) has no cross-attention. The text tokens'
+keys and values come from add_k_proj / add_v_proj, whose inputs are the text stream *inside* the
+transformer: the T5/CLIP states after context_embedder, modulated by the timestep (AdaLN) and, from
+the second block on, mixed with the image tokens by the previous blocks' joint attention. UCE's
+closed form needs rows c_i that a prompt fixes once (as the text encoder's output fixes a UNet's
+to_k / to_v inputs); there the rows depend on t and on the image, so the least-squares edit is
+not defined (editing the first block alone would leave every later block reading the concept).
+
 Departures from the reference: the regression is solved in float64 with `torch.linalg.solve`
 (the reference inverts in the weights' dtype); only the "replace" technique (the reference's
 default; its "tensor" variant is left out); the reference's optional prompt augmentations
@@ -52,6 +62,7 @@ from torch import Tensor, nn
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 from safediff.models.sdxl import PACKED_ROWS, is_sdxl_unet_config
+from safediff.sampling.flow import is_flow_schedule
 
 UCE_PRESETS: dict[str, tuple[str, ...]] = {
     # the reference's nudity model: erased-nudity-towards_uncond (data/info/universal-nudity-*)
@@ -144,6 +155,13 @@ def cross_attention_layers(model: T2IModel) -> list[tuple[str, nn.Module]]:
         and isinstance(getattr(mod, "to_k", None), nn.Linear)
         and isinstance(getattr(mod, "to_v", None), nn.Linear)
     ]
+    if not layers and is_flow_schedule(model.schedule):
+        raise SafediffError(
+            f"UCE/RECE do not apply to model {model.source!r} (an SD3 / FLUX transformer): its "
+            "joint attention has no key/value projection that reads only the prompt (the text "
+            "stream's inputs change with the timestep and the image block by block), so the "
+            "closed-form edit has no fixed rows to map; use esd, DES or the Safe Denoiser"
+        )
     if not layers:
         raise SafediffError(
             f"model {model.source!r} has no cross-attention layers (diffusers Attention with "
