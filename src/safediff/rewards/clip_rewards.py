@@ -23,7 +23,7 @@ from safediff.rewards.anchors import AnchorSet, load_anchor_set
 from safediff.rewards.encoders import load_encoder
 from safediff.rewards.encoders.base import ImageTextEncoder, is_finite_number, parse_dtype
 from safediff.rewards.jpeg import REFERENCE_QUALITY
-from safediff.rewards.steering_reward import SteeringReward
+from safediff.rewards.steering_reward import SteeringReward, resolve_autocast
 from safediff.rewards.unsafe_penalty import UnsafePenaltyReward
 from safediff.rewards.weighted import WeightedReward
 
@@ -41,9 +41,12 @@ def _encoder(
     return encoder
 
 
-def _autocast(autocast: str | None) -> torch.dtype | None:
+def _autocast(autocast: str | None, device: torch.device | str) -> torch.dtype | None:
+    """'auto': float16 on CUDA (the reference's HPSv2 autocast), off elsewhere."""
     if autocast in (None, "", "none", "off", False):
         return None
+    if autocast == "auto":
+        return resolve_autocast("auto", device)
     dtype = parse_dtype(autocast)
     if dtype == torch.float32:
         return None
@@ -69,7 +72,7 @@ def build_steering_reward(
     jpeg_resize: int | None = None,
     dtype: str = "float32",
     precision: str | None = None,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
     chunk_size: int | None = None,
     device: torch.device | str = "cpu",
 ) -> SteeringReward:
@@ -77,8 +80,8 @@ def build_steering_reward(
 
     encoder: spec string or encoder object. anchors: shipped set name ('compact', 'extended',
     'empty_positive') or a YAML path. dtype: encoder weight dtype. precision: explicit open_clip
-    precision (optional). autocast: None/'none' or 'float16'/'bfloat16' (the reference runs
-    HPSv2 under float16 autocast on GPU). Other params: see SteeringReward.
+    precision (optional). autocast: 'auto' (default: float16 on CUDA, as the reference runs
+    HPSv2, off on the CPU), None/'none', or 'float16'/'bfloat16'. Other params: see SteeringReward.
     """
     anchor_set = anchors if isinstance(anchors, AnchorSet) else load_anchor_set(anchors)
     return SteeringReward(
@@ -92,7 +95,7 @@ def build_steering_reward(
         jpeg_parity=jpeg_parity,
         jpeg_quality=jpeg_quality,
         jpeg_resize=jpeg_resize,
-        autocast_dtype=_autocast(autocast),
+        autocast_dtype=_autocast(autocast, device),
         chunk_size=chunk_size,
     )
 
@@ -105,7 +108,7 @@ def build_alignment_reward(
     jpeg_resize: int | None = None,
     dtype: str = "float32",
     precision: str | None = None,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
     chunk_size: int | None = None,
     device: torch.device | str = "cpu",
 ) -> AlignmentReward:
@@ -116,7 +119,7 @@ def build_alignment_reward(
         jpeg_parity=jpeg_parity,
         jpeg_quality=jpeg_quality,
         jpeg_resize=jpeg_resize,
-        autocast_dtype=_autocast(autocast),
+        autocast_dtype=_autocast(autocast, device),
         chunk_size=chunk_size,
     )
 
@@ -172,7 +175,7 @@ def build_unsafe_penalty_reward(
     anchors: str | AnchorSet = "compact",
     dtype: str = "float32",
     precision: str | None = None,
-    autocast: str | None = None,
+    autocast: str | None = "auto",
     chunk_size: int | None = None,
     device: torch.device | str = "cpu",
 ) -> UnsafePenaltyReward:
@@ -181,7 +184,7 @@ def build_unsafe_penalty_reward(
     return UnsafePenaltyReward(
         _encoder(encoder, device, dtype, precision),
         anchor_set,
-        autocast_dtype=_autocast(autocast),
+        autocast_dtype=_autocast(autocast, device),
         chunk_size=chunk_size,
     )
 
