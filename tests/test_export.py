@@ -293,3 +293,49 @@ def test_sdxl_with_a_des_text_encoder_is_refused(tmp_path):
     with pytest.raises(SafediffError, match="SDXL conditions on two"):
         export_pipeline("tiny-sdxl", tmp_path / "export", text_encoder=tmp_path / "des")
     assert not (tmp_path / "export").exists()
+
+
+def test_sd3_run_exports_a_pipeline_that_makes_safediffs_image(tiny_grpo_overrides, tmp_path):
+    """A flow model's export is a StableDiffusion3Pipeline folder with its own flow scheduler;
+    with safediff's x_T as latents it makes safediff's ODE image (eta 0)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    run = _train(
+        tmp_path / "run",
+        tiny_grpo_overrides,
+        "model.pretrained=tiny-sd3",
+        "sampling.eta=0.7",
+        "grpo.clip_range=0.2",
+    )
+    out = export_pipeline(str(run), tmp_path / "export")
+    assert (out / "transformer").is_dir() and (out / "text_encoder_3").is_dir()
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    trained = load_t2i_model(parse_model_spec(str(run))).unet.state_dict()
+    exported = SD3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    model = load_t2i_model(parse_model_spec(str(run)))
+    settings = SamplerSettings(num_steps=STEPS, eta=0.0, guidance_scale=GUIDANCE)
+    traj = sample(model, [PROMPT], [generator(0)], settings).trajectory
+    ours, x_t = traj.images[0], traj.latents[:, 0]  # safediff's image and its x_T
+    side = model.latent_shape[1] * pipe.vae_scale_factor
+    with torch.no_grad():
+        theirs = pipe(
+            PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            height=side,
+            width=side,
+            max_sequence_length=model.components["max_sequence_length"],
+            latents=x_t.clone(),
+            output_type="pt",
+        ).images[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "eta=" not in card

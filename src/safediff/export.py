@@ -7,6 +7,7 @@ complete, `safediff.atomic.atomic_dir`):
         text_encoder_2/, tokenizer_2/): `save_pretrained` (safetensors) of a StableDiffusionPipeline
         (no safety checker) or a StableDiffusionXLPipeline, so plain diffusers loads it:
         `StableDiffusionPipeline.from_pretrained(OUT)` / `StableDiffusionXLPipeline.from_pretrained(OUT)`;
+        SD3 / FLUX: transformer/ and their encoders, `StableDiffusion3Pipeline` / `FluxPipeline`;
     OUT/README.md: the model card: where each weight comes from, how to sample as the run did, the
         training config (the run's config.yaml), the run's metrics (the last epoch of
         metrics.jsonl and a summary of the reward curve) and the evaluation summaries (the
@@ -142,13 +143,19 @@ def export_pipeline(
 
 def build_pipeline(model: T2IModel) -> Any:
     """The diffusers pipeline (SD or SDXL, by the model's components) over `model`'s components
-    and UNet, with a DDIMScheduler over the base's noise schedule (see the module docstring)."""
+    and UNet, with a DDIMScheduler over the base's noise schedule (see the module docstring).
+    Flow-matching models (SD3, FLUX) keep their own FlowMatchEulerDiscreteScheduler: it is the
+    sampler safediff trains and evaluates them with."""
     from diffusers import DDIMScheduler
 
+    from safediff.models.flow_family import flow_pipeline
     from safediff.models.loading import is_sdxl_components
     from safediff.models.sdxl import sdxl_pipeline
     from safediff.models.stable_diffusion import diffusers_pipeline
+    from safediff.sampling.flow import is_flow_schedule
 
+    if is_flow_schedule(getattr(model, "schedule", None)):
+        return flow_pipeline(dict(model.components), model.unet)
     accepted = set(inspect.signature(DDIMScheduler.__init__).parameters)
     base_config = dict(model.components["scheduler"].config)
     scheduler = DDIMScheduler.from_config({k: v for k, v in base_config.items() if k in accepted})
@@ -255,11 +262,22 @@ def model_card(
 ) -> str:
     """The README.md of an exported folder (Markdown with the hub's YAML front matter)."""
     from safediff.eval.model_spec import sampler_defaults
+    from safediff.models.flow_family import transformer_family
     from safediff.models.loading import TINY_MODELS, is_sdxl_components
     from safediff.models.stable_diffusion import vae_scale_factor
+    from safediff.sampling.flow import is_flow_schedule
 
-    xl = is_sdxl_components({**model.components, "unet": model.unet})
-    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    flow = transformer_family(model.unet) if is_flow_schedule(model.schedule) else None
+    xl = flow is None and is_sdxl_components({**model.components, "unet": model.unet})
+    pipeline, title, tag = {
+        "sd3": ("StableDiffusion3Pipeline", "Stable Diffusion 3", "stable-diffusion-3"),
+        "flux": ("FluxPipeline", "FLUX", "flux"),
+        None: (
+            ("StableDiffusionXLPipeline", "Stable Diffusion XL", "stable-diffusion-xl")
+            if xl
+            else ("StableDiffusionPipeline", "Stable Diffusion", "stable-diffusion")
+        ),
+    }[flow]
     sampler, sampler_source = sampler_defaults(spec, cfg)
     if records.run_dir is not None:  # sampler_source names the file by its local path
         sampler_source = "the run's training sampler (`sampling` in its config.yaml)"
@@ -273,7 +291,7 @@ def model_card(
         "tags": [
             "safediff",
             "text-to-image",
-            "stable-diffusion-xl" if xl else "stable-diffusion",
+            tag,
             "safety",
         ],
     }
@@ -286,27 +304,42 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"A {'Stable Diffusion XL' if xl else 'Stable Diffusion'} model"
+        f"A {title} model"
         + (" post-trained for safety with safediff (GRPO)," if records.run_dir else "")
         + f" exported by `safediff export` (safediff {safediff.__version__}).",
         "",
         "## Weights",
         "",
         f"- base model: {_base_name(cfg.pretrained)} (its licence applies)",
-        f"- UNet: {_unet_origin(cfg, records)}",
+        f"- {'transformer' if flow else 'UNet'}: {_unet_origin(cfg, records)}",
         f"- text encoder: {encoder}",
-        "- scheduler: DDIM over the base model's noise schedule (the sampler safediff trains and "
-        "evaluates with; swap another in with `pipe.scheduler = "
-        "EulerDiscreteScheduler.from_config(pipe.scheduler.config)`)",
+        (
+            "- scheduler: the base model's FlowMatchEulerDiscreteScheduler (the sampler safediff "
+            "trains and evaluates with)"
+            if flow
+            else "- scheduler: DDIM over the base model's noise schedule (the sampler safediff "
+            "trains and evaluates with; swap another in with `pipe.scheduler = "
+            "EulerDiscreteScheduler.from_config(pipe.scheduler.config)`)"
+        ),
         f"- precision: {str(dtype).removeprefix('torch.')}",
         "",
         "## Use",
         "",
-        *_usage(pipeline, where, sampler, side, model.latent_shape),
+        *(
+            _flow_usage(pipeline, where, sampler, side)
+            if flow
+            else _usage(pipeline, where, sampler, side, model.latent_shape)
+        ),
         "",
-        f"Sampler settings: {sampler_source}. With eta 0 and these latents (safediff's x_T for "
-        "the seed) the pipeline makes the image safediff makes; eta > 0 draws each step's noise "
-        "from the pipeline's own generator instead.",
+        f"Sampler settings: {sampler_source}. "
+        + (
+            "The pipeline draws its own initial noise; `safediff generate --model FOLDER` makes "
+            "safediff's seeded images."
+            if flow
+            else "With eta 0 and these latents (safediff's x_T for the seed) the pipeline makes "
+            "the image safediff makes; eta > 0 draws each step's noise from the pipeline's own "
+            "generator instead."
+        ),
         "",
         "## Training config",
         "",
@@ -355,6 +388,25 @@ def _usage(
         f"    height={side},",
         f"    width={side},",
         "    latents=latents,",
+        ").images[0]",
+        "```",
+    ]
+
+
+def _flow_usage(pipeline: str, where: str, sampler: Mapping[str, Any], side: int) -> list[str]:
+    """A diffusers call with the run's sampler settings for an SD3 / FLUX folder (their pipelines
+    take no eta: the ODE sampler is deterministic)."""
+    return [
+        "```python",
+        f"from diffusers import {pipeline}",
+        "",
+        f"pipe = {pipeline}.from_pretrained({where!r})",
+        "image = pipe(",
+        '    "a photo of a cat",',
+        f"    num_inference_steps={int(sampler['num_steps'])},",
+        f"    guidance_scale={float(sampler['guidance_scale'])!r},",
+        f"    height={side},",
+        f"    width={side},",
         ").images[0]",
         "```",
     ]

@@ -48,28 +48,13 @@ from torch import Tensor, nn
 
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
+from safediff.models.flow_family import FLUX_COMPONENTS, SD3_COMPONENTS, transformer_family
+from safediff.models.flow_family import flow_pipeline as flow_pipeline  # importable from here too
+from safediff.models.lora_adapter import merge_lora_adapter
 from safediff.models.sdxl import read_model_index
 from safediff.models.stable_diffusion import decode_latents, freeze, vae_scale_factor
 from safediff.sampling.flow import FlowSchedule
 
-SD3_COMPONENTS = (
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "scheduler",
-)  # text_encoder_3 / tokenizer_3 (T5) are optional, as in StableDiffusion3Pipeline
-FLUX_COMPONENTS = (
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "scheduler",
-)
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 FLUX_DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent side)
@@ -78,20 +63,6 @@ _STATE = "_safediff_flow_hooks"
 
 # ---------------------------------------------------------------------------------------------
 # Families
-
-
-def transformer_family(transformer: nn.Module) -> str:
-    """'flux' or 'sd3' from the transformer's class (FluxTransformer2DModel /
-    SD3Transformer2DModel); anything else is an error."""
-    name = type(transformer).__name__
-    if "Flux" in name:
-        return "flux"
-    if "SD3" in name:
-        return "sd3"
-    raise SafediffError(
-        f"{name} is not a flow transformer safediff adapts (SD3Transformer2DModel, "
-        "FluxTransformer2DModel)"
-    )
 
 
 def pipeline_family(model_index: dict[str, Any]) -> str | None:
@@ -438,27 +409,6 @@ def flow_components_to_t2i(
     )
 
 
-def flow_pipeline(components: dict[str, Any], transformer: nn.Module | None = None) -> Any:
-    """A diffusers `StableDiffusion3Pipeline` / `FluxPipeline` over the components (progress bar
-    off): the reference sampler for parity tests and what `save_pretrained` writes.
-
-    components: a `T2IModel`'s components plus its transformer (`flow_pipeline(model.components,
-    model.unet)`), or builder output with "transformer".
-    """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    transformer = transformer if transformer is not None else components["transformer"]
-    family = transformer_family(transformer)
-    names = (
-        (*SD3_COMPONENTS, "text_encoder_3", "tokenizer_3") if family == "sd3" else FLUX_COMPONENTS
-    )
-    parts = {k: components.get(k) for k in names if k != "transformer"}
-    cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
-    pipe = cls(transformer=transformer, **parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_flow_components(where: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The components of an SD3 / FLUX pipeline folder (diffusers names), on the CPU: the
     transformer in float32, the VAE and text encoders in `dtype`."""
@@ -596,7 +546,7 @@ def load_flow_t2i(
     transformer_weights: a bare transformer .safetensors swapped in (`load_transformer_weights`;
     another family's checkpoint is a one-line error). lora_dir: a peft LoRA adapter folder (a
     GRPO checkpoint's lora/) merged into the transformer after the weights are swapped in
-    (`safediff.models.loading.merge_lora_adapter`). The transformer stays float32; VAE and text
+    (`safediff.models.lora_adapter.merge_lora_adapter`). The transformer stays float32; VAE and text
     encoders in `dtype`.
     """
     if pretrained == "tiny-sd3":
@@ -619,8 +569,6 @@ def load_flow_t2i(
         p = load_transformer_weights(components["transformer"], transformer_weights)
         source = f"{source} + {p}"
     if lora_dir is not None:
-        from safediff.models.loading import merge_lora_adapter
-
         components["transformer"] = merge_lora_adapter(components["transformer"], lora_dir)
         source = f"{source} + LoRA {lora_dir}"
     model = flow_components_to_t2i(components, source=source, resolution=resolution)

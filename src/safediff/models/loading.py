@@ -19,7 +19,8 @@ reference's `checkpoint_epoch_N/diffusion_pytorch_model.safetensors`), keys chec
 SDXL UNet on an SD 1.x / 2.x base (or the reverse) is refused from the file's header first.
 `ModelConfig.lora_weights` then merges a peft LoRA adapter folder (what `PeftModel.save_pretrained`
 writes: adapter_config.json + adapter_model.safetensors, e.g. a trainer checkpoint's lora/) into
-the UNet's weights, so the model runs as a plain UNet2DConditionModel with no adapter overhead.
+the UNet's weights (lora_adapter.py), so the model runs as a plain UNet2DConditionModel with no
+adapter overhead.
 
 Precision: the frozen VAE and text encoder are cast to `dtype` (bf16/fp16 halves their memory and
 they never see a gradient); the UNet always stays float32, because it is the trained policy and
@@ -29,7 +30,6 @@ folder does not matter: its beta fields are read into a DDIMScheduler (SD 1.5 sh
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,13 @@ from safediff.config import ModelConfig
 from safediff.errors import SafediffError
 from safediff.models.base import T2IModel
 from safediff.models.flow import is_flow_spec, load_flow_t2i
+from safediff.models.load_messages import describe_unet_kind, few_names, first_line
+from safediff.models.lora_adapter import (
+    ADAPTER_CONFIG_NAME,  # noqa: F401  (eval/ and export read the adapter file names from here)
+    ADAPTER_WEIGHTS_NAME,  # noqa: F401
+    merge_lora_adapter,
+    resolve_lora_adapter,
+)
 from safediff.models.sdxl import (
     SDXL_COMPONENTS,
     is_sdxl_pipeline_folder,
@@ -58,8 +65,6 @@ TINY_SDXL_MODELS = ("tiny-sdxl",)
 SUGGESTED_SD_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SUGGESTED_SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 UNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's save_pretrained names
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def is_plugin_spec(pretrained: str) -> bool:
@@ -206,7 +211,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
             return _from_pretrained_all_xl(str(where), dtype, index)
         return _from_pretrained_all(str(where), dtype)
     except (OSError, ValueError) as err:
-        raise SafediffError(f"could not load pipeline folder {where}: {_first_line(err)}") from None
+        raise SafediffError(f"could not load pipeline folder {where}: {first_line(err)}") from None
 
 
 def _load_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -231,7 +236,7 @@ def _load_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> dict[st
             return _from_pretrained_all_xl(repo_id, dtype, index, **hub_kwargs)
         return _from_pretrained_all(repo_id, dtype, **hub_kwargs)
     except hub_errors as err:
-        raise SafediffError(f"could not load '{repo_id}': {_first_line(err)}") from None
+        raise SafediffError(f"could not load '{repo_id}': {first_line(err)}") from None
 
 
 def _from_pretrained_all(where: str, dtype: torch.dtype, **hub_kwargs: Any) -> dict[str, Any]:
@@ -289,11 +294,6 @@ def _from_pretrained_all_xl(
     }
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # Bare UNet checkpoints
 
@@ -335,14 +335,14 @@ def load_unet_weights(unet: nn.Module, path: str | Path) -> Path:
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError) as err:
-        raise SafediffError(f"could not read UNet weights {p}: {_first_line(err)}") from None
+        raise SafediffError(f"could not read UNet weights {p}: {first_line(err)}") from None
     own = unet.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise SafediffError(
             f"UNet weights {p} do not match the base UNet: {len(missing)} missing key(s) "
-            f"{_few(missing)}, {len(unexpected)} unexpected key(s) {_few(unexpected)}; "
+            f"{few_names(missing)}, {len(unexpected)} unexpected key(s) {few_names(unexpected)}; "
             "is it a UNet of the same base model (and not a LoRA or a wrapped module)?"
         )
     bad_shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
@@ -354,15 +354,6 @@ def load_unet_weights(unet: nn.Module, path: str | Path) -> Path:
         )
     unet.load_state_dict(state, strict=True)
     return p
-
-
-def _unet_kind(is_xl: bool, cross: int | None) -> str:
-    dim = f"cross_attention_dim {cross}" if cross is not None else "unknown cross_attention_dim"
-    return (
-        f"an SDXL UNet (addition_embed_type text_time, {dim})"
-        if is_xl
-        else (f"an SD 1.x / 2.x UNet ({dim})")
-    )
 
 
 def _base_fix(is_xl: bool) -> str:
@@ -409,17 +400,10 @@ def _check_unet_family(unet: nn.Module, p: Path) -> None:
     cross_differs = isinstance(base_cross, int) and file_cross not in (None, base_cross)
     if file_xl != base_xl or cross_differs:
         raise SafediffError(
-            f"UNet weights {p} are {_unet_kind(file_xl, file_cross)} but the base model's is "
-            f"{_unet_kind(base_xl, base_cross)}; pass {_base_fix(file_xl)} as model.pretrained "
-            "(--base), or the UNet trained on this base"
+            f"UNet weights {p} are {describe_unet_kind(file_xl, file_cross)} but the base "
+            f"model's is {describe_unet_kind(base_xl, base_cross)}; pass {_base_fix(file_xl)} as "
+            "model.pretrained (--base), or the UNet trained on this base"
         )
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    if not keys:
-        return "[]"
-    more = ", ..." if len(keys) > n else ""
-    return "[" + ", ".join(keys[:n]) + more + "]"
 
 
 def save_unet_safetensors(unet: nn.Module, path: str | Path) -> Path:
@@ -431,146 +415,3 @@ def save_unet_safetensors(unet: nn.Module, path: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
     save_file(state, str(path))
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA adapters
-
-
-def resolve_lora_adapter(path: str | Path) -> Path:
-    """The peft adapter folder `path` names (holding adapter_config.json and
-    adapter_model.safetensors; the adapter_model.safetensors file itself is accepted too), or a
-    SafediffError naming what was missing. Pickled adapter_model.bin files are refused."""
-    p = Path(path).expanduser().resolve()
-    if p.is_file() and p.name == ADAPTER_WEIGHTS_NAME:
-        p = p.parent
-    if not p.exists():
-        raise SafediffError(f"LoRA adapter folder not found: {p}")
-    if not p.is_dir():
-        raise SafediffError(
-            f"LoRA adapter {p} is not a folder; pass the folder peft's save_pretrained wrote "
-            f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})"
-        )
-    if not (p / ADAPTER_WEIGHTS_NAME).is_file():
-        if (p / "adapter_model.bin").is_file():
-            raise SafediffError(
-                f"LoRA adapter {p} holds only a pickled adapter_model.bin, which is not loaded; "
-                f"convert it to {ADAPTER_WEIGHTS_NAME} with safetensors.torch.save_file"
-            )
-        raise SafediffError(f"LoRA adapter folder {p} has no {ADAPTER_WEIGHTS_NAME}")
-    if not (p / ADAPTER_CONFIG_NAME).is_file():
-        raise SafediffError(
-            f"LoRA adapter folder {p} has no {ADAPTER_CONFIG_NAME} (peft needs it to rebuild the "
-            "adapter's layers)"
-        )
-    return p
-
-
-def merge_lora_adapter(unet: nn.Module, path: str | Path) -> nn.Module:
-    """`unet` with the peft LoRA adapter in folder `path` merged into its weights.
-
-    Loads with `PeftModel.from_pretrained` (local files only: both files are checked first, so
-    peft never turns to the hub) and returns `merge_and_unload()`: the same UNet class with no
-    adapter layers left, whose output equals the adapter-wrapped UNet's (up to float rounding).
-    Every adapter tensor must fit the UNet exactly (keys and shapes, like `load_unet_weights`);
-    otherwise a SafediffError names the folder. `unet` is modified in place either way (a failed
-    load leaves adapter layers in it); the parameters' requires_grad flags are kept.
-    """
-    from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
-    from safetensors import SafetensorError, safe_open
-
-    folder = resolve_lora_adapter(path)
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise SafediffError(
-            f"LoRA adapter {folder}: unreadable {ADAPTER_CONFIG_NAME} ({_first_line(err)})"
-        ) from None
-    if not isinstance(config, LoraConfig):
-        raise SafediffError(
-            f"adapter {folder} is a {config.peft_type} adapter; only LoRA adapters are loaded"
-        )
-    try:
-        with safe_open(str(folder / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
-            saved = set(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in saved if ".lora_A." in k}
-    except (SafetensorError, OSError) as err:
-        raise SafediffError(
-            f"could not read LoRA adapter {folder / ADAPTER_WEIGHTS_NAME}: {_first_line(err)}"
-        ) from None
-    _check_lora_fits(folder, config, shapes, unet)
-    grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-    device = next(unet.parameters()).device
-    try:
-        with warnings.catch_warnings():  # missing keys are an error below, not a warning
-            warnings.filterwarnings("ignore", message="Found missing adapter keys")
-            peft_unet = PeftModel.from_pretrained(
-                unet, str(folder), config=config, torch_device=str(device)
-            )
-    except (ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise SafediffError(
-            f"LoRA adapter {folder} does not fit this UNet: {_load_error(err)}"
-        ) from None
-    expected = set(get_peft_model_state_dict(peft_unet))  # shapes were checked by the load
-    missing = sorted(expected - saved)
-    unexpected = sorted(saved - expected)
-    if missing or unexpected:
-        raise SafediffError(
-            f"LoRA adapter {folder} does not fit this UNet: {len(missing)} missing key(s) "
-            f"{_few(missing)}, {len(unexpected)} unexpected key(s) {_few(unexpected)}; was it "
-            "trained on this base model?"
-        )
-    try:
-        merged = peft_unet.merge_and_unload(safe_merge=True)
-    except ValueError as err:  # safe_merge: the merged weights hold NaN / inf
-        raise SafediffError(f"LoRA adapter {folder} cannot be merged: {_first_line(err)}") from None
-    for name, p in merged.named_parameters():
-        p.requires_grad_(grad.get(name, False))
-    return merged
-
-
-def _check_lora_fits(
-    folder: Path, config: Any, lora_a_shapes: dict[str, tuple[int, ...]], unet: nn.Module
-) -> None:
-    """Refuse, in one line naming the fix, an adapter whose weights disagree with its own rank,
-    that was trained on a UNet of another family (its attn2.to_k input width is the training
-    UNet's cross_attention_dim), or whose target modules this UNet does not have."""
-    ranks = {shape[0] for shape in lora_a_shapes.values()}
-    if not getattr(config, "rank_pattern", None) and ranks and ranks != {int(config.r)}:
-        raise SafediffError(
-            f"LoRA adapter {folder} does not fit this UNet: {ADAPTER_CONFIG_NAME} says rank "
-            f"r={config.r} but its weights have rank {', '.join(map(str, sorted(ranks)))}; the "
-            "config belongs to another adapter: save the adapter again with peft "
-            "(PeftModel.save_pretrained)"
-        )
-    base = getattr(unet, "config", None)
-    if base is not None and isinstance(base.get("cross_attention_dim"), int):
-        widths = {s[1] for k, s in lora_a_shapes.items() if "attn2.to_k.lora_A" in k}
-        base_xl, base_cross = is_sdxl_unet_config(base), base["cross_attention_dim"]
-        if widths and widths != {base_cross}:
-            (width, *_) = sorted(widths)
-            raise SafediffError(
-                f"LoRA adapter {folder} does not fit this UNet: it was trained on a UNet with "
-                f"cross_attention_dim {width} (2048: SDXL, 768: SD 1.x, 1024: SD 2.x), the base "
-                f"model's is {_unet_kind(base_xl, base_cross)}; pass the base it was trained on "
-                "as model.pretrained (--base)"
-            )
-    targets = config.target_modules
-    if isinstance(targets, str) or not targets:
-        return  # a regex: peft reports what it does not find
-    names = [name for name, _ in unet.named_modules()]
-    absent = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
-    if absent:
-        raise SafediffError(
-            f"LoRA adapter {folder} does not fit this UNet: it targets module(s) {_few(absent)} "
-            "that the UNet does not have; was it trained on another model family? Pass its base "
-            "as model.pretrained (--base)"
-        )
-
-
-def _load_error(err: BaseException) -> str:
-    """The informative line of a peft / torch load error (torch puts 'size mismatch for KEY: ...'
-    on the lines after a generic first line)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    mismatch = [line for line in lines if line.startswith("size mismatch")]
-    return (mismatch or lines or [type(err).__name__])[0]

@@ -89,7 +89,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> dict[str, An
 def save_tiny_flux(path: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """Build a tiny FLUX (see `build_tiny_flux`) and write it as a diffusers FluxPipeline folder
     (safetensors) that `FluxPipeline.from_pretrained` and `load_t2i_model` load."""
-    from safediff.models.flow import flow_pipeline
+    from safediff.models.flow_family import flow_pipeline
 
     path = Path(path)
     comps = build_tiny_flux(seed, guidance_embeds)

@@ -168,7 +168,7 @@ def save_tiny_sd3(path: str | Path, seed: int = 0, sample_size: int = 8) -> Path
     """Build a tiny SD3 (see `build_tiny_sd3`) and write it as a diffusers
     StableDiffusion3Pipeline folder (safetensors) that `StableDiffusion3Pipeline.from_pretrained`
     and `safediff.models.loading.load_t2i_model` load."""
-    from safediff.models.flow import flow_pipeline
+    from safediff.models.flow_family import flow_pipeline
 
     path = Path(path)
     flow_pipeline(build_tiny_sd3(seed, sample_size)).save_pretrained(path, safe_serialization=True)
