@@ -11,10 +11,15 @@ so each call pays for its prompts as the first call of an epoch would.
   python bench/bench_reward.py                 # 8 prompts x 4 images at 32 to 512 px, CPU
   python bench/bench_reward.py --image-size 224 --width 128 --patch 32   # CLIP geometry, small
   python bench/bench_reward.py --device cuda --image-size 224 --width 768 --layers 12 --sizes 512
+  python bench/bench_reward.py --threads 1 --sizes 224,512 --float-resize --breakdown --pil-check
 
 The default encoder is sandbox-sized (64 px input, width 64, 2 layers). The speedup grows as the
 encoder shrinks (per-call overhead dominates the loop) and shrinks as images grow (the loop's
-JPEG + PIL work grows, but so does the batched resize, which on a CPU is memory-bound).
+JPEG + PIL work grows, but so does the batched resize, which on a CPU is memory-bound). Both sides
+run in float32 (no autocast on the CPU). `--float-resize` adds a column: the batched reward with
+the float resize safediff used before its 8-bit one (the same images, timed in alternation);
+`--breakdown` times the batched path's stages, and how far the loop is from the image tower alone;
+`--pil-check` measures how far the 8-bit and the float resize are from PIL's on the same images.
 """
 
 import argparse
@@ -27,10 +32,18 @@ from collections.abc import Callable
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from safediff.rewards.anchors import load_anchor_set
-from safediff.rewards.encoders.openclip import load_openclip_encoder
+from safediff.rewards.encoders.base import (
+    center_crop,
+    check_images,
+    l2_normalize,
+    normalize_pixels,
+    resize,
+)
+from safediff.rewards.encoders.openclip import OpenClipEncoder, load_openclip_encoder
 from safediff.rewards.encoders.tiny import tiny_openclip_config
 from safediff.rewards.steering_reward import SteeringReward
 
@@ -68,6 +81,93 @@ def reference_loop(
             z_star = torch.nn.functional.normalize(z_txt + alpha * v_safe, dim=-1)
             rewards.append((z_img * z_star).sum(-1))
     return torch.cat(rewards)
+
+
+class FloatResizeEncoder:
+    """An OpenCLIP encoder whose preprocessing resizes float images (safediff's earlier path).
+
+    For the `--float-resize` column only: the same model and text tower, with the bicubic
+    antialiased resize run on the float [B, 3, H, W] batch instead of 8-bit images.
+    """
+
+    def __init__(self, encoder: OpenClipEncoder):
+        self.encoder = encoder
+        self.device, self.dtype = encoder.device, encoder.dtype
+        self.embed_dim, self.name = encoder.embed_dim, f"{encoder.name} (float resize)"
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        check_images(images, f"encoder {self.name!r}")
+        x, (size, _) = images.to(enc.device, torch.float32), enc.image_size
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            short = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+            x = F.interpolate(x, size=short, mode="bicubic", antialias=True).clamp_(0.0, 1.0)
+        x = normalize_pixels(center_crop(x, size, size), enc.mean, enc.std).to(enc.dtype)
+        return l2_normalize(enc.model.encode_image(x))
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.encoder.encode_text(texts)
+
+
+def pil_distance(images: torch.Tensor, size: int) -> tuple[float, float, float]:
+    """Largest |difference| from PIL's bicubic resize of the same uint8 images, in uint8 levels.
+
+    images [B, 3, S, S] are rounded to uint8 first; returns (8-bit resize, float resize, share of
+    pixels where the 8-bit resize equals PIL's). Square images only (the bench's).
+    """
+    x = (images.float().cpu().clamp(0, 1) * 255).round() / 255
+    levels = []
+    for img in x:
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        small = Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC)
+        levels.append(torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1))
+    pil = torch.stack(levels).float()
+    ours = resize(x, size, size) * 255
+    flt = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1) * 255
+    return (
+        (ours - pil).abs().max().item(),
+        (flt - pil).abs().max().item(),
+        (ours.round() == pil).float().mean().item(),
+    )
+
+
+def stage_times(
+    reward: SteeringReward,
+    encoder: OpenClipEncoder,
+    images: torch.Tensor,
+    prompts: list[str],
+    repeats: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Median seconds of the batched reward's stages on `images` (timed in alternation).
+
+    'checks + preprocess': both input checks, resize, crop, normalise; 'image tower': the model's
+    image encoder on the preprocessed batch; 'prompts': encoding and steering the distinct
+    prompts (the cache cleared first). The rest of a call (the cosine, moving results) is small.
+    """
+    pixels = encoder.preprocess(images)
+
+    def checks_and_preprocess() -> torch.Tensor:
+        check_images(images, "bench")
+        check_images(images, "bench")
+        return encoder.preprocess(images)
+
+    @torch.no_grad()
+    def image_tower() -> torch.Tensor:
+        return encoder.model.encode_image(pixels)
+
+    def prompt_targets() -> torch.Tensor:
+        reward.clear_cache()
+        return reward.prompt_targets(prompts)["target"]
+
+    fns = {
+        "checks + preprocess": checks_and_preprocess,
+        "image tower": image_tower,
+        "prompts": prompt_targets,
+    }
+    return timed_side_by_side(fns, repeats, device)[0]
 
 
 def timed_side_by_side(
@@ -110,6 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="after each row, time the batched path's stages (checks + preprocessing, image tower, "
+        "prompts): loop / (tower + prompts) bounds the speedup of any preprocessing",
+    )
+    p.add_argument(
+        "--pil-check",
+        action="store_true",
+        help="after each row, compare the 8-bit and a float resize with PIL's on 4 of the images",
+    )
+    p.add_argument(
+        "--float-resize",
+        action="store_true",
+        help="add the batched reward with a float resize (safediff's earlier preprocessing)",
+    )
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -130,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = load_openclip_encoder("bench-vit", None, device=device, model_cfg=cfg)
     anchors = load_anchor_set("compact")
     reward = SteeringReward(encoder, anchors, alpha=args.alpha, mode="translation", gating="all")
+    float_reward = SteeringReward(
+        FloatResizeEncoder(encoder), anchors, alpha=args.alpha, mode="translation", gating="all"
+    )
     preprocess = open_clip.image_transform(args.image_size, is_train=False)
 
     n = args.prompts * args.group
@@ -142,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs) batch={n} images "
         f"({args.prompts} prompts x {args.group}), OpenCLIP ViT width={args.width} "
         f"layers={args.layers} patch={args.patch} input {args.image_size}px "
-        f"({n_params / 1e6:.1f}M params, random weights); median of {args.repeats} alternating runs"
+        f"({n_params / 1e6:.1f}M params, random weights), float32 on both sides; median of "
+        f"{args.repeats} alternating runs"
     )
     header = f"{'image px':>8} | {'loop img/s':>10} {'ms/img':>7} | {'batched img/s':>13} {'ms/img':>7} | {'speedup':>7} | {'max|dr|':>7}"
+    if args.float_resize:
+        header += f" | {'float-resize ms/img':>19} {'speedup':>7}"
     print(header)
     print("-" * len(header))
     for size in sizes:
@@ -161,17 +283,42 @@ def main(argv: list[str] | None = None) -> int:
                 args.alpha, device,
             )  # fmt: skip
 
-        med, outs = timed_side_by_side({"loop": looped, "batched": batched}, args.repeats, device)
+        def batched_float(images: torch.Tensor = images) -> torch.Tensor:
+            float_reward.clear_cache()
+            return float_reward(images, prompts)
+
+        fns = {"loop": looped, "batched": batched}
+        if args.float_resize:
+            fns["float"] = batched_float
+        med, outs = timed_side_by_side(fns, args.repeats, device)
         t_loop, t_batch = med["loop"], med["batched"]
         diff = (outs["loop"].cpu() - outs["batched"].cpu()).abs().max().item()
-        print(
+        row = (
             f"{size:>8} | {n / t_loop:>10.1f} {1000 * t_loop / n:>7.2f} | "
             f"{n / t_batch:>13.1f} {1000 * t_batch / n:>7.2f} | {t_loop / t_batch:>6.1f}x | "
             f"{diff:>7.4f}"
         )
+        if args.float_resize:
+            row += f" | {1000 * med['float'] / n:>19.2f} {t_loop / med['float']:>6.1f}x"
+        print(row)
+        if args.pil_check and size != args.image_size:
+            ours, flt, same = pil_distance(images[:4], args.image_size)
+            print(
+                f"{'':>8}   vs PIL's resize of the same uint8 images to {args.image_size} px, max "
+                f"|d| in uint8 levels: 8-bit {ours:.2f} ({100 * same:.2f}% of pixels equal), "
+                f"float {flt:.2f}"
+            )
+        if args.breakdown:
+            stages = stage_times(reward, encoder, images, prompts, args.repeats, device)
+            print(
+                f"{'':>8}   batched stages, ms/img: "
+                + ", ".join(f"{k} {1000 * v / n:.2f}" for k, v in stages.items())
+                + f"; loop / image tower = {t_loop / stages['image tower']:.1f}x, loop / "
+                f"(tower + prompts) = {t_loop / (stages['image tower'] + stages['prompts']):.1f}x"
+            )
     print(
         "speedup = loop time / batched time on the same images; max|dr| = largest reward "
-        "difference (the loop's JPEG + PIL resize vs none)"
+        "difference (the loop's JPEG round-trip and PIL resize vs none and torch's 8-bit resize)"
     )
     return 0
 

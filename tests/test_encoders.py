@@ -85,9 +85,10 @@ def test_preprocess_resize_and_crop_close_to_open_clip_transform():
     ref = torch.stack([ref_tf(to_pil(im)) for im in images])
     assert ours.shape == ref.shape == (3, 3, 32, 32)
     diff = (ours - ref).abs()
-    # PIL resizes uint8 images, so it rounds each pixel to 1/255: within one uint8 level.
+    # Both resize the same uint8 image in 8 bits; fixed-point rounding differs at a few pixels.
     pixel_diff = (ours - ref) * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1) * 255
-    assert pixel_diff.abs().max() < 1.1 and diff.mean() < 0.006
+    assert pixel_diff.abs().max() < 1.1 and diff.mean() < 5e-4
+    assert (pixel_diff.abs() < 0.01).float().mean() > 0.98
 
 
 def test_preprocess_modes_shapes():

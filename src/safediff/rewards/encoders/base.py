@@ -3,11 +3,12 @@
 An encoder maps images [B, 3, H, W] float in [0, 1] and lists of strings to L2-normalised float32
 embeddings [B, D] in one joint space. Each adapter (OpenCLIP, transformers CLIP, HPSv2, later the
 sandbox's encoder) owns its preprocessing and does it in torch on its own device: no PIL, no JPEG,
-no per-image loop in the hot path.
+no per-image encoder call in the hot path.
 
-Shared here: the torch preprocessing (resize, center crop, normalise) that mirrors open_clip's and
-transformers' PIL pipelines, input checks, chunked encoding, and `PromptCache`, the per-reward
-cache of per-prompt tensors (owned by a reward instance, cleared explicitly; never a global).
+Shared here: the torch preprocessing (an 8-bit resize as PIL's, center crop, normalise) that
+mirrors open_clip's and transformers' PIL pipelines, input checks, chunked encoding, and
+`PromptCache`, the per-reward cache of per-prompt tensors (owned by a reward instance, cleared
+explicitly; never a global).
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,8 +29,13 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Images slightly outside [0, 1] (decoder overshoot) are accepted; beyond this the caller most
 # likely passed [-1, 1] or [0, 255] images.
 _RANGE_TOL = 0.05
+# Rows per image (a band across the middle) that check_images reads for the range check.
+_CHECK_ROWS = 32
 
 RESIZE_MODES = ("shortest", "longest", "squash")
+
+# Pixels per quantisation pass of the CPU resize: 2^18 float32 (1 MiB) stay in a core's L2 cache.
+_QUANT_CHUNK = 1 << 18
 
 
 @runtime_checkable
@@ -59,8 +66,10 @@ def check_images(images: torch.Tensor, who: str, values: bool = True) -> None:
     """Raise SafediffError unless `images` is a float [B, 3, H, W] tensor with values in [0, 1].
 
     values: also check the value range (a wrong convention, [-1, 1] or [0, 255], is a property
-    of whole images, so only every 4th row is read: at 512 px a full pass costs as much as the
-    resize). NaN / inf pixels are allowed (their reward is NaN; the trainer skips the group).
+    of whole images, so only a band of `_CHECK_ROWS` rows across the middle of each image is
+    read: at 512 px a full pass costs as much as the resize, and a band is contiguous memory,
+    several times faster to read than as many rows spread over the image). NaN / inf pixels are
+    allowed (their reward is NaN; the trainer skips the group).
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -71,8 +80,9 @@ def check_images(images: torch.Tensor, who: str, values: bool = True) -> None:
         )
     if not values or not images.numel():
         return
-    rows = images.detach()[:, :, ::4] if images.shape[2] >= 16 else images.detach()
-    lo, hi = rows.aminmax()
+    top = max(0, (images.shape[2] - _CHECK_ROWS) // 2)
+    rows = images.detach()[:, :, top : top + _CHECK_ROWS]
+    lo, hi = rows.amin(), rows.amax()  # two passes: faster than aminmax on a strided view
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
         # Replace non-finite pixels by an in-range value (a boolean-mask gather is far slower).
         lo, hi = torch.nan_to_num(rows, nan=0.5, posinf=0.5, neginf=0.5).aminmax()
@@ -111,10 +121,11 @@ def resize_crop_normalize(
       'squash': resize both sides to S, ignoring the aspect ratio.
     Returns [B, 3, S_h, S_w] float32, (x - mean) / std.
 
-    Departures from the PIL pipelines it mirrors: resizing runs on float tensors instead of
-    uint8 images (no 8-bit quantisation; values are clamped to [0, 1] afterwards as PIL's
-    saturating output is); torch's antialiased bicubic kernel differs from PIL's by a few 1e-3
-    in pixel value. Sizes that already match skip the resize and are exact.
+    Resizing is 8-bit, as in the PIL pipelines it mirrors (see `resize`): on images that are
+    already multiples of 1/255 it is within 2 uint8 levels of PIL's resize of the same uint8
+    image (about 99.5% of pixels equal; a float resize is off by up to 15 levels on sharp
+    edges, where PIL clips between its two passes). Images that need gradients are resized in
+    float. Sizes that already match skip the resize and are exact (no quantisation).
     """
     if resize_mode not in RESIZE_MODES:
         raise SafediffError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
@@ -138,15 +149,92 @@ def resize_crop_normalize(
         pad_h, pad_w = out_h - new_h, out_w - new_w
         top, left = pad_h // 2, pad_w // 2
         x = F.pad(x, (left, pad_w - left, top, pad_h - top), value=fill)
-    return normalize_pixels(x, mean, std)
+    # A resized (or padded, or cast) batch is ours: normalise it in place, saving a
+    # [B, 3, S, S] allocation per step (page faults cost more than the arithmetic on a CPU).
+    owned = x.untyped_storage().data_ptr() != images.untyped_storage().data_ptr()
+    inplace = owned and x.is_contiguous() and not x.requires_grad
+    return normalize_pixels(x, mean, std, inplace=inplace)
 
 
 def resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bicubic, antialiased resize of [B, C, H, W] float images, clamped to [0, 1] like PIL."""
+    """Bicubic, antialiased resize of [B, C, H, W] float images in [0, 1], as PIL resizes them.
+
+    PIL (open_clip's and transformers' preprocessing, and the reference, which resizes the PIL
+    image it decoded) resizes 8-bit images: pixels are rounded to uint8, resized with PIL's
+    antialiased bicubic (a = -0.5) and rounded to uint8 again. This does the same, and returns
+    float32 multiples of 1/255. On the CPU it runs torch's uint8 kernel (ported from Pillow-SIMD;
+    its fixed-point weights put it within 2 uint8 levels of PIL); on other devices PIL's two
+    rounded passes are emulated in float. Images with a non-finite pixel come back all NaN
+    (their reward is NaN). Images that need gradients are resized in float, without rounding,
+    clamped to [0, 1] afterwards as PIL's output is.
+    """
     if tuple(x.shape[-2:]) == (h, w):
         return x
-    x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp_(0.0, 1.0)
+    if not (x.shape[-1] and x.shape[-2] and h > 0 and w > 0):
+        raise SafediffError(f"cannot resize images of size {tuple(x.shape[-2:])} to {(h, w)}")
+    if x.requires_grad:
+        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        return x.clamp_(0.0, 1.0)
+    if x.device.type == "cpu":
+        return _resize_uint8_cpu(x, h, w)
+    return _resize_rounded(x, h, w)
+
+
+def _resize_rounded(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`resize` off the CPU: PIL's two uint8 passes emulated in float (no uint8 kernel needed).
+
+    PIL resizes rows first, then columns, rounding to uint8 (half up) and clipping to [0, 255]
+    after each pass; the clip between the passes matters on sharp edges, where bicubic
+    overshoots.
+    """
+    x = x.to(torch.float32)
+    finite = torch.isfinite(x.sum(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    y = x.mul(255.0).add_(0.5).clamp_(0.0, 255.0).floor_()
+    for size in ((x.shape[-2], w), (h, w)):
+        y = F.interpolate(y, size=size, mode="bicubic", antialias=True, align_corners=False)
+        y = y.add_(0.5).floor_().clamp_(0.0, 255.0)
+    return torch.where(finite, y.div_(255.0), torch.full_like(y, float("nan")))
+
+
+def _resize_uint8_cpu(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`resize` on the CPU: quantise to uint8 in cache-sized steps, then torch's uint8 kernel.
+
+    The images are read from memory once: each step scales, rounds and clamps at most
+    `_QUANT_CHUNK` pixels in a reused float buffer (kept in a core's L2 cache) and casts them
+    into a uint8 block of whole images, which is resized while it is still in cache. The uint8
+    kernel is hand-vectorised (AVX2, from Pillow-SIMD); torch's float antialiased kernel is
+    generic C++, slower where the output is large (512 to 224 px; bench/RESULTS.md).
+    """
+    b, c, ih, iw = x.shape
+    per_image = c * ih * iw
+    src = x.detach().to(torch.float32).reshape(b, per_image)  # a view if contiguous float32
+    step = min(per_image, _QUANT_CHUNK)  # pixels per pass within one image
+    block = max(1, _QUANT_CHUNK // per_image)  # whole images per resize call
+    scratch = torch.empty(block * step)
+    scratch_np = scratch.numpy()
+    q = torch.empty(block, c, ih, iw, dtype=torch.uint8)
+    q_np = q.numpy().reshape(block, per_image)
+    sums = torch.empty(b, -(-per_image // step))  # per-step pixel sums: non-finite iff a pixel is
+    out = torch.empty(b, c, h, w)
+    with np.errstate(invalid="ignore"):  # NaN pixels cast to 0; their images are set NaN below
+        for b0 in range(0, b, block):
+            b1 = min(b, b0 + block)
+            n = b1 - b0
+            for j, c0 in enumerate(range(0, per_image, step)):
+                c1 = min(per_image, c0 + step)
+                f = scratch[: n * (c1 - c0)].view(n, c1 - c0)
+                torch.mul(src[b0:b1, c0:c1], 255.0, out=f).add_(0.5)
+                torch.sum(f, dim=1, out=sums[b0:b1, j])
+                f.clamp_(0.0, 255.0)
+                # numpy's float -> uint8 cast truncates (round half up here) and is several times
+                # faster than torch's copy_ into uint8.
+                np.copyto(q_np[:n, c0:c1], scratch_np[: f.numel()].reshape(n, -1), casting="unsafe")
+            small = F.interpolate(q[:n], size=(h, w), mode="bicubic", antialias=True)
+            torch.div(small, 255.0, out=out[b0:b1])
+    bad = ~torch.isfinite(sums).all(dim=1)
+    if bad.any():
+        out[bad] = float("nan")
+    return out
 
 
 def resize_shortest(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -169,11 +257,18 @@ def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., top : top + h, left : left + w]
 
 
-def normalize_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per channel; x [B, 3, H, W] float32."""
+def normalize_pixels(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False
+) -> torch.Tensor:
+    """(x - mean) / std per channel; x [B, 3, H, W] float32.
+
+    inplace: overwrite and return x (only for a tensor the caller owns); the same numbers.
+    """
     mean_t = torch.tensor(tuple(mean), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(tuple(std), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    if inplace:
+        return x.sub_(mean_t).div_(std_t)
+    return torch.sub(x, mean_t).div_(std_t)  # one new tensor; the same numbers as (x - m) / s
 
 
 def encode_images_chunked(
