@@ -358,15 +358,13 @@ def test_esd_stacks_on_flow_models(models, tmp_path, name) -> None:
 KINDS = ("uce", "rece", "esd", "safree", "des", "negprompt", "sld", "safe-denoiser")
 REFUSED = {
     ("tiny-sdxl", "safree"): "separate pooled channel",
-    ("tiny-sdxl", "des"): "SDXL conditions on two",
     ("tiny-sd3", "uce"): "UCE/RECE do not apply",
     ("tiny-sd3", "rece"): "UCE/RECE do not apply",
     ("tiny-sd3", "safree"): "separate pooled channel",
-    ("tiny-sd3", "sld"): "do not support flow models",
     ("tiny-flux", "uce"): "UCE/RECE do not apply",
     ("tiny-flux", "rece"): "UCE/RECE do not apply",
     ("tiny-flux", "safree"): "separate pooled channel",
-    ("tiny-flux", "sld"): "do not support flow models",
+    ("tiny-flux", "sld"): "guidance-distilled FLUX",
     ("tiny-flux", "negprompt"): "guidance-distilled FLUX",
 }
 """The cells of docs/results/defenses.md's family table that are refused, with why; every other
@@ -378,7 +376,7 @@ def _spec(kind: str, model: T2IModel, name: str, tmp_path) -> str:
         cfg = esd_cfg(tmp_path, model=name, concept="nudity")
         return f"esd:{run_esd(cfg, model, progress=False)}"
     if kind == "des":
-        return "des:/nonexistent" if name == "tiny-sdxl" else f"des:{_des(model, tmp_path)}"
+        return f"des:{_des(model, tmp_path)}"
     if kind == "safe-denoiser":
         return f"safe-denoiser:{_negset(model, tmp_path)};t_min=0"
     fixed = {"uce": "text=nudity", "rece": "text=nudity;rounds=1", "safree": "nudity"}

@@ -365,9 +365,9 @@ def test_safe_denoiser_corrects_x0_in_the_flow_parameterisation(tmp_path):
             x = x + (float(sigmas[i + 1]) - s) * (x - x0_safe) / s
     torch.testing.assert_close(out.trajectory.latents[:, -1].double(), x, rtol=1e-4, atol=1e-4)
     assert (out.trajectory.latents[:, -1] - plain.trajectory.latents[:, -1]).abs().max() > 1e-2
-    sld, sld_kwargs = apply_defenses(model, "sld:medium")
+    ddpm_only = type("DDPMOnlyHook", (), {"name": "ddpm-only"})()  # a hook with no flow form
     with pytest.raises(SafediffError, match="do not support flow models") as err:
-        sample(sld, prompts, gens, settings, defense=sld_kwargs, initial_noise=x_T)
+        sample(model, prompts, gens, settings, defense={"guidance": [ddpm_only]}, initial_noise=x_T)
     assert "\n" not in str(err.value)
 
 

@@ -1,7 +1,7 @@
 """SDXL through safediff's one convention, on the offline tiny SDXL (real classes, random weights):
 the packed conditioning equals the pipeline's, sampling equals diffusers' StableDiffusionXLPipeline,
 GRPO trains it (full and LoRA) and resumes exactly, checkpoints load in plain diffusers and peft,
-defenses apply (DES is refused), and mismatched checkpoints are refused in one line."""
+defenses apply (DES trains both text encoders), and mismatched checkpoints are refused in one line."""
 
 import copy
 import json
@@ -249,15 +249,17 @@ def test_negative_prompt_sld_and_safe_denoiser_act_on_sdxl(model):
     assert not torch.allclose(out.latents[:, -1], plain), "the Safe Denoiser changed nothing"
 
 
-def test_des_refuses_sdxl_in_one_line(model, sdxl_folder):
-    for call in (
-        lambda: load_text_encoder_adapter("tiny-sdxl"),
-        lambda: load_text_encoder_adapter(str(sdxl_folder)),
-        lambda: adapter_for_model(model),
+def test_des_takes_both_sdxl_text_encoders(model, sdxl_folder):
+    """DES on SDXL trains both encoders (tests/test_des_sdxl.py has the rest)."""
+    want = model.encode_text(PROMPTS, "cpu")
+    for adapter in (
+        load_text_encoder_adapter("tiny-sdxl"),
+        load_text_encoder_adapter(str(sdxl_folder)),
+        adapter_for_model(model),
     ):
-        with pytest.raises(SafediffError, match="SDXL conditions on two") as err:
-            call()
-        assert "\n" not in str(err.value) and "negprompt, sld or safe-denoiser" in str(err.value)
+        assert sorted(adapter.module.keys()) == ["text_encoder", "text_encoder_2"]
+        with torch.no_grad():
+            assert torch.equal(adapter.encode(PROMPTS), want)
 
 
 # ---------------------------------------------------------------------------------------------

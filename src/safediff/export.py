@@ -18,7 +18,7 @@ The model is anything `safediff.eval.model_spec.parse_model_spec` resolves: a tr
 merged/ model, else its newest checkpoint), a full or LoRA checkpoint, a run's merged/ folder, a
 bare UNet or LoRA adapter with `base`. `load_t2i_model` merges a LoRA adapter into the base UNet,
 so the folder holds a plain UNet and needs neither peft nor safediff. A CLIP text encoder trained
-by DES (`safediff des train`) can replace text_encoder/ (SD 1.x / 2.x only, as DES itself).
+by DES (`safediff des train`) can replace text_encoder/ (SDXL: text_encoder/ and text_encoder_2/).
 
 Departure from the base pipeline: scheduler/ is a DDIMScheduler over the base's noise schedule
 (its beta fields, prediction type and timestep spacing), the sampler safediff trains and evaluates

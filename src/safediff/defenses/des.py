@@ -32,11 +32,14 @@ E_orig(s) of a safe prompt is read from the codebook instead of re-encoded every
 numbers); each prompt is tokenised once for the whole run (`MemoTokenizer`; the reference
 tokenises every batch again); the default concept direction is the difference form (see 2).
 
-SDXL is refused (one line, `text_encoder_adapter.SDXL_REFUSAL`): DES is defined on one CLIP text
-encoder's padded last hidden state, with g in that encoder's raw units; SDXL's UNet reads the
-penultimate states of two encoders (CLIP ViT-L and OpenCLIP bigG) plus bigG's pooled embedding,
-and neither paper nor reference says which of them to distort or how to scale g for each. Use the
-negative prompt, SLD or the Safe Denoiser on SDXL.
+Several embedding spaces: an adapter with `encode_spaces(prompts) -> {name: [B, ...]}` (SDXL,
+`text_encoder_adapter.SDXLTextEncodersAdapter`: ViT-L's and bigG's penultimate token states and
+bigG's pooled projection, which the UNet reads) is trained with items 1-4 in each space on its
+own (its own codebook, u, least-similar targets), and the objective is the sum over spaces, so
+each encoder is trained on its own outputs (the class says which and why). `DESLosses` then holds
+the sums, and the history adds each space's total ("total/NAME"). One space (every other adapter:
+`encode`) is the single-encoder DES above. The paper reports SDXL; neither it nor the reference
+code says how it handles the two encoders, so this split is ours; g is not re-tuned per space.
 
 SD3 and FLUX train all their text encoders together (`text_encoder_adapter.FlowTextEncodersAdapter`:
 CLIP-L, CLIP-G and T5 for SD3; CLIP-L and T5 for FLUX), the paper's multi-encoder setting: the
@@ -73,7 +76,9 @@ class DESConfig:
     """DES training run. Defaults are the paper's SD 1.5 preset (train.sh of the reference code)."""
 
     model: str = "tiny-sd"
-    """Base model whose text encoder is trained: 'tiny-sd', a diffusers pipeline folder or a hub id."""
+    """Base model whose text encoder(s) are trained: 'tiny-sd', 'tiny-sdxl', 'tiny-sd3',
+    'tiny-flux', a plug-in's family ('sandbox'), a diffusers pipeline folder (SD 1.x / 2.x, SDXL,
+    SD3, FLUX) or a hub id."""
     revision: str | None = None
     """Hub revision of `model` (ignored for folders)."""
     safe_prompts: str = ""
@@ -185,6 +190,12 @@ class DESLosses:
     def as_floats(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name).detach()) for f in dataclasses.fields(self)}
 
+    @staticmethod
+    def summed(parts: list["DESLosses"]) -> "DESLosses":
+        """Term-by-term sums of several spaces' losses."""
+        names = [f.name for f in dataclasses.fields(DESLosses)]
+        return DESLosses(*[sum(getattr(p, n) for p in parts) for n in names])
+
 
 def des_losses(
     train_unsafe: Tensor,
@@ -258,11 +269,24 @@ class MemoTokenizer:
         return BatchEncoding({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
 
 
-def _encode_all(adapter: TextEncoderAdapter, prompts: list[str], batch: int) -> Tensor:
+SINGLE_SPACE = "embedding"
+"""The name of the one embedding space of an adapter without `encode_spaces`."""
+
+
+def encode_spaces(adapter: TextEncoderAdapter, prompts: list[str]) -> dict[str, Tensor]:
+    """The adapter's embedding spaces for `prompts`: `adapter.encode_spaces` when it has one
+    (SDXL), else {SINGLE_SPACE: adapter.encode(prompts)}. Gradient flows when enabled."""
+    spaces = getattr(adapter, "encode_spaces", None)
+    return spaces(prompts) if spaces is not None else {SINGLE_SPACE: adapter.encode(prompts)}
+
+
+def _encode_all(adapter: TextEncoderAdapter, prompts: list[str], batch: int) -> dict[str, Tensor]:
+    """Every space's float32 embeddings of `prompts`, [N, ...] each, `batch` prompts a pass."""
     with torch.no_grad():
-        return torch.cat(
-            [adapter.encode(prompts[i : i + batch]).float() for i in range(0, len(prompts), batch)]
-        )
+        chunks = [
+            encode_spaces(adapter, prompts[i : i + batch]) for i in range(0, len(prompts), batch)
+        ]
+    return {k: torch.cat([c[k].float() for c in chunks]) for k in chunks[0]}
 
 
 def train_des(
@@ -289,19 +313,23 @@ def train_des(
     start = time.perf_counter()
     original = adapter
     original.module.eval()
-    with torch.no_grad():
-        e_empty = original.encode([""]).float()
-        e_concept = original.encode([cfg.concept]).float()
-    u = concept_direction(e_concept, e_empty, cfg.direction)
+    e_empty = _encode_all(original, [""], 1)
+    e_concept = _encode_all(original, [cfg.concept], 1)
+    # Items 1-3 in each embedding space on its own (one space but for SDXL).
+    u = {k: concept_direction(e_concept[k], e_empty[k], cfg.direction) for k in e_empty}
     codebook = _encode_all(original, safe_prompts, cfg.encode_batch)  # E_orig(safe): [Ns, L, D]
     unsafe_orig = _encode_all(original, unsafe_prompts, cfg.encode_batch)
-    targets, _ = unsafe_targets(unsafe_orig, codebook, u, cfg.concept_scale)
+    targets = {
+        k: unsafe_targets(unsafe_orig[k], codebook[k], u[k], cfg.concept_scale)[0] for k in u
+    }
     del unsafe_orig
 
     trained = adapter.clone()
-    tokenizer = getattr(trained, "tokenizer", None)
-    if tokenizer is not None:  # every step re-encodes prompts: tokenise each one once
-        trained.tokenizer = MemoTokenizer(tokenizer)
+    # every step re-encodes prompts: tokenise each one once (SDXL has a second tokenizer)
+    tokenizers = {a: getattr(trained, a, None) for a in ("tokenizer", "tokenizer_2")}
+    tokenizers = {a: t for a, t in tokenizers.items() if t is not None}
+    for attr, tok in tokenizers.items():
+        setattr(trained, attr, MemoTokenizer(tok))
     module = trained.module
     module.requires_grad_(True)
     module.train()
@@ -327,22 +355,30 @@ def train_des(
                 break
             pairs = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             iu, js = pairs % n_unsafe, pairs % n_safe
-            device = targets.device
-            losses = des_losses(
-                train_unsafe=trained.encode([unsafe_prompts[i] for i in iu.tolist()]),
-                targets=targets[iu.to(device)],
-                train_safe=trained.encode([safe_prompts[j] for j in js.tolist()]),
-                orig_safe=codebook[js.to(codebook.device)],
-                train_concept=trained.encode([cfg.concept]),
-                orig_empty=e_empty,
-                u=u,
-                scale=cfg.concept_scale,
-                lambda_safe=cfg.lambda_safe,
-            )
+            train_unsafe = encode_spaces(trained, [unsafe_prompts[i] for i in iu.tolist()])
+            train_safe = encode_spaces(trained, [safe_prompts[j] for j in js.tolist()])
+            train_concept = encode_spaces(trained, [cfg.concept])
+            per_space = {
+                k: des_losses(
+                    train_unsafe=train_unsafe[k],
+                    targets=targets[k][iu.to(targets[k].device)],
+                    train_safe=train_safe[k],
+                    orig_safe=codebook[k][js.to(codebook[k].device)],
+                    train_concept=train_concept[k],
+                    orig_empty=e_empty[k],
+                    u=u[k],
+                    scale=cfg.concept_scale,
+                    lambda_safe=cfg.lambda_safe,
+                )
+                for k in u
+            }
+            losses = DESLosses.summed(list(per_space.values()))
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
             record = {"epoch": float(epoch), **losses.as_floats()}
+            if len(per_space) > 1:
+                record |= {f"total/{k}": float(v.total.detach()) for k, v in per_space.items()}
             history.append(record)
             if on_step is not None:
                 on_step(step, record)
@@ -352,8 +388,8 @@ def train_des(
             step += 1
     if bar is not None:
         bar.close()
-    if tokenizer is not None:
-        trained.tokenizer = tokenizer
+    for attr, tok in tokenizers.items():
+        setattr(trained, attr, tok)
     module.requires_grad_(False)
     module.eval()
     return DESResult(adapter=trained, history=history, seconds=time.perf_counter() - start)
@@ -364,7 +400,8 @@ def run_des(cfg: DESConfig, device: torch.device | str = "cpu", progress: bool =
 
     The folder holds the encoder as a transformers folder (config.json + model.safetensors,
     loadable with CLIPTextModel.from_pretrained and by `swap_text_encoder` / the defense spec
-    `des:FOLDER`), des_config.yaml (the resolved config) and des_history.json (per-step losses).
+    `des:FOLDER`; multi-encoder models: one such folder per encoder, text_encoder/,
+    text_encoder_2/, ... as in a diffusers pipeline folder), des_config.yaml (the resolved config) and des_history.json (per-step losses).
     """
     from safediff.prompts import load_prompts
 

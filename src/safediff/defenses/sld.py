@@ -26,6 +26,14 @@ sample per batch our trajectory is diffusers' to float precision. Departure from
 arithmetic is done in epsilon units, so for a v-prediction model the threshold acts on eps differences (diffusers applies it to the raw model
 outputs; SLD's presets were tuned on SD 1.x, an epsilon model, where the two agree). As in
 diffusers, SLD needs classifier-free guidance and is off when sld_guidance_scale <= 1.
+
+Flow models (`flow_guidance`; the flow sampler, sampling/flow.py): at a fixed x_t and sigma a
+rectified-flow model's eps = x_t + (1 - sigma) v is affine in its velocity, so the branches are
+mapped to eps, the same equations run there (the thresholds and scales keep the eps units the
+presets were tuned in) and the result goes back as v' = v + (eps' - eps) / (1 - sigma). This needs
+an unconditional pass, so it applies to CFG models (SD3 / SD3.5); guidance-distilled FLUX-dev has
+none (its guidance is a transformer input) and is refused. Departure: the paper and diffusers
+define SLD for DDPM models only, and the presets are not re-tuned for flow models.
 """
 
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ import torch
 from torch import Tensor
 
 from safediff.errors import SafediffError
+from safediff.sampling.flow import FlowGuidanceStep
 from safediff.sampling.rollout import GuidanceStep
 
 SLD_CONCEPT = (
@@ -143,13 +152,81 @@ class SafeLatentDiffusion:
                 "SLD needs classifier-free guidance: sample with guidance_scale > 1 and a "
                 "negative (or empty) prompt"
             )
-        u, c, g = step.eps_uncond, step.eps_cond, step.guidance_scale
         eps_safety = step.extra.get(self.name)
         if eps_safety is None:
             eps_safety = step.predict(self.concept_embeds)
-        gamma, momentum = sld_guidance_term(c, u, eps_safety, state["momentum"], self.cfg)
-        # eq. 3 in diffusers' order of operations; + (eps - CFG) carries the changes of earlier
-        # hooks (it is exactly 0 when there are none, so the sum is diffusers' number exactly).
-        guided = (u + g * ((c - u) - gamma)) + (step.eps - (u + g * (c - u)))
-        apply = (step.step >= self.cfg.sld_warmup_steps).reshape(-1, *([1] * (gamma.ndim - 1)))
-        return torch.where(apply, guided, step.eps), {"momentum": momentum}
+        return sld_guided_eps(
+            step.eps,
+            step.eps_uncond,
+            step.eps_cond,
+            eps_safety,
+            step.guidance_scale,
+            step.step,
+            state["momentum"],
+            self.cfg,
+        )
+
+    def flow_guidance(
+        self, step: FlowGuidanceStep, state: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """SLD on a flow model with a CFG pass (SD3): the velocity after SLD, and the new state.
+
+        At a fixed x_t and sigma, eps = x_t + (1 - sigma) v is affine in v (x_t = (1 - sigma) x0
+        + sigma eps, v = eps - x0), so the CFG branches, the safety concept's prediction and the
+        guided prediction are mapped to eps, SLD runs there unchanged (its threshold, scales and
+        momentum keep their eps units), and the result is mapped back:
+        v' = v + (eps' - eps) / (1 - sigma). At sigma = 1 (the first step) eps = x_t for every
+        branch, so every eps difference, and with it SLD's term, is 0: v is returned as it is.
+        """
+        if not self.enabled:
+            return step.velocity, state
+        if step.v_uncond is None or step.v_cond is None:
+            raise SafediffError(
+                "SLD needs classifier-free guidance: sample with guidance_scale > 1 and a "
+                "negative (or empty) prompt (guidance-distilled FLUX models have no "
+                "unconditional pass)"
+            )
+        v_safety = step.extra.get(self.name)
+        if v_safety is None:
+            raise SafediffError("SLD on a flow model needs its concept in the sampler's batch")
+        to_eps = step.eps_from_velocity
+        eps = to_eps(step.velocity)
+        guided, new_state = sld_guided_eps(
+            eps,
+            to_eps(step.v_uncond),
+            to_eps(step.v_cond),
+            to_eps(v_safety),
+            step.guidance_scale,
+            step.step,
+            state["momentum"],
+            self.cfg,
+        )
+        return step.velocity_from_eps_change(guided - eps), new_state
+
+
+def sld_guided_eps(
+    eps: Tensor,
+    eps_uncond: Tensor,
+    eps_cond: Tensor,
+    eps_safety: Tensor,
+    guidance_scale: float,
+    step: Tensor,
+    momentum: Tensor,
+    cfg: SLDConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """eps after SLD (eq. 3) and the new state {"momentum"}.
+
+    eps: [B, C, h, w] the prediction after CFG and earlier hooks; eps_uncond, eps_cond,
+    eps_safety: [B, C, h, w] the branches; step: [B] int64 step indices (warm-up per sample);
+    momentum: [B, C, h, w] nu_i. Rows before warm-up get `eps` back (the same tensor when none
+    is past it), their momentum still updated.
+    """
+    u, c, g = eps_uncond, eps_cond, guidance_scale
+    gamma, new_momentum = sld_guidance_term(c, u, eps_safety, momentum, cfg)
+    # eq. 3 in diffusers' order of operations; + (eps - CFG) carries the changes of earlier
+    # hooks (it is exactly 0 when there are none, so the sum is diffusers' number exactly).
+    guided = (u + g * ((c - u) - gamma)) + (eps - (u + g * (c - u)))
+    apply = (step >= cfg.sld_warmup_steps).reshape(-1, *([1] * (gamma.ndim - 1)))
+    if not bool(apply.any()):
+        return eps, {"momentum": new_momentum}
+    return torch.where(apply, guided, eps), {"momentum": new_momentum}

@@ -36,8 +36,7 @@ CFG (guidance_scale > 1); SLD raises without it. Any model works: a base model, 
 UNet, a model whose encoder is already DES-trained.
 
 Model families: not every kind applies to every family (SD 1.x / sandbox, SDXL, SD3, FLUX); one
-that does not (UCE / RECE on SD3 and FLUX, SAFREE beyond SD 1.x, DES on SDXL, SLD on flow models,
-negprompt on FLUX-dev) raises a one-line SafediffError saying why, when applied or when sampled.
+that does not (UCE / RECE on SD3 and FLUX, SAFREE beyond SD 1.x, SLD and negprompt on FLUX-dev) raises a one-line SafediffError saying why, when applied or when sampled.
 The table, and the reasons, are in docs/results/defenses.md ("Which defense applies to which
 model family"; tests/test_baselines_families.py checks every cell).
 """

@@ -513,6 +513,74 @@ def flow_velocity(
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+def flow_branches(
+    unet: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    extra: Sequence[Tensor],
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(unconditional, conditional, extra) velocities [B, C, h, w] float32 at (x, t) from one
+    transformer call on cat([uncond, cond, *extra]) (the CFG batch with the conditionings of
+    hooks that declare `extra_embeds`, diffusers' SLD layout). uncond, extra: [1 or B, L, D]."""
+    p = next(unet.parameters())
+    batch = x.shape[0]
+    parts = [
+        e.to(device=p.device, dtype=p.dtype).expand(batch, *e.shape[1:])
+        for e in (uncond, cond, *extra)
+    ]
+    if any(e.shape != parts[1].shape for e in parts):
+        raise SafediffError(
+            f"conditionings {[tuple(e.shape) for e in parts]} do not match the prompt "
+            "embeddings; encode all of them with the model's own text encoder"
+        )
+    k = len(parts)
+    x = x.to(device=p.device, dtype=p.dtype)
+    out = unet(
+        torch.cat([x] * k),
+        torch.cat([t.to(p.device)] * k),
+        encoder_hidden_states=torch.cat(parts),
+    ).sample.to(torch.float32)
+    v_uncond, v_cond, *outs = out.chunk(k)
+    return v_uncond, v_cond, outs
+
+
+@dataclass
+class FlowGuidanceStep:
+    """What a flow guidance hook (`flow_guidance(step, state) -> (v', state')`) sees at one step
+    of B samples, float32 on the transformer's device.
+
+    x_t: [B, C, h, w]; sigma: [B] the flow time; step: [B] int64 index of the step (0 = noisiest).
+    velocity: [B, C, h, w] v after CFG and the hooks before this one.
+    v_cond, v_uncond: [B, C, h, w] the CFG branches (None without CFG); guidance_scale: g.
+    extra: velocities of the hooks' `extra_embeds` conditionings, by hook name.
+    """
+
+    x_t: Tensor
+    sigma: Tensor
+    step: Tensor
+    velocity: Tensor
+    v_cond: Tensor | None
+    v_uncond: Tensor | None
+    guidance_scale: float
+    extra: dict[str, Tensor]
+
+    def eps_from_velocity(self, velocity: Tensor) -> Tensor:
+        """eps = x_t + (1 - sigma) v, [B, C, h, w]."""
+        return eps_from_velocity(self.x_t, velocity, self.sigma)
+
+    def velocity_from_eps_change(self, delta_eps: Tensor) -> Tensor:
+        """The velocity whose eps is eps(velocity) + delta_eps: v + delta_eps / (1 - sigma);
+        rows at sigma = 1 (where eps = x_t whatever v is) keep v. Returns `velocity` itself when
+        delta_eps is all zero, so an inactive hook leaves sampling bitwise unchanged."""
+        if not bool(delta_eps.any()):
+            return self.velocity
+        s = self.sigma.to(torch.float32).reshape(-1, *([1] * (delta_eps.ndim - 1)))
+        safe = torch.where(s < 1, 1 - s, torch.ones_like(s))
+        return torch.where(s < 1, self.velocity + delta_eps / safe, self.velocity)
+
+
 def resolve_flow_guidance(
     unet: nn.Module, guidance_scale: float, distilled_guidance: float | None
 ) -> tuple[float, float | None]:
@@ -562,8 +630,11 @@ def flow_rollout(
     guidance_scale / distilled_guidance: see `resolve_flow_guidance` (CFG for SD3, the guidance
         input for FLUX-dev).
     window: SDE steps only inside it (MixGRPO), ODE elsewhere; None: every step is an SDE step.
-    hooks: velocity corrections, each with a method flow_velocity(x_t, v, sigma [B], t [B]) -> v'
-        (`flow_velocity_hooks`; the Safe Denoiser's x0 correction), applied in order after CFG.
+    hooks: velocity corrections applied in order after CFG (`flow_velocity_hooks`): a method
+        flow_velocity(x_t, v, sigma [B], t [B]) -> v' (the Safe Denoiser's x0 correction), or
+        flow_guidance(`FlowGuidanceStep`, state) -> (v', state') with `init_state` and
+        `extra_embeds` (SLD: needs the CFG branches; its per-sample state is kept per row, so
+        batched == one at a time).
     Returns a `FlowTrajectory`; log_probs are zeros on ODE steps. x_T is N(0, I) (flow's
     init_noise_sigma is 1).
     """
@@ -587,6 +658,8 @@ def flow_rollout(
     latents = torch.empty((n, num_steps + 1, *shape), dtype=torch.float32, device=device)
     log_probs = torch.zeros((n, num_steps), dtype=torch.float32, device=device)
     images = [] if decode else None
+    guided = [h for h in hooks if hasattr(h, "flow_guidance")]
+    states = [h.init_state(n, shape, device) if h in guided else {} for h in hooks]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -602,11 +675,19 @@ def flow_rollout(
             latents[start:stop, 0] = x
             for i in range(num_steps):
                 z = draw_noise(gens, shape, device)
-                v = flow_velocity(
-                    model.unet, x, timesteps[i].expand(b), cond, uncond, scale, guidance=guidance
-                )
-                for hook in hooks:
-                    v = hook.flow_velocity(x, v, sigmas[i].expand(b), timesteps[i].expand(b))
+                t_i, s_i = timesteps[i].expand(b), sigmas[i].expand(b)
+                if guided:
+                    rows = [{k: v[start:stop] for k, v in st.items()} for st in states]
+                    v, rows = _guided_velocity(
+                        model.unet, x, t_i, s_i, i, cond, uncond, scale, guidance, hooks, rows
+                    )
+                    for st, row in zip(states, rows, strict=True):
+                        for k, value in row.items():
+                            st[k][start:stop] = value
+                else:
+                    v = flow_velocity(model.unet, x, t_i, cond, uncond, scale, guidance=guidance)
+                    for hook in hooks:
+                        v = hook.flow_velocity(x, v, s_i, t_i)
                 a = noise_level if bool(sde_mask[i]) else 0.0
                 out = flow_sde_step(sigmas, v, x, i, a, noise=z, reduction=reduction)
                 x = out.prev_sample
@@ -629,6 +710,54 @@ def flow_rollout(
         noise_level=float(noise_level),
         guidance=guidance,
     )
+
+
+def _guided_velocity(
+    unet: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    sigma: Tensor,
+    step: int,
+    cond: Tensor,
+    uncond: Tensor | None,
+    scale: float,
+    guidance: float | None,
+    hooks: Sequence[Any],
+    states: list[dict[str, Tensor]],
+) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """v after CFG and the hooks, with the CFG branches (and the hooks' extra conditionings) from
+    one transformer call; states: the hooks' rows of this batch, returned updated. Without CFG
+    (uncond None; FLUX-dev's distilled `guidance` goes to the transformer) the hooks see no
+    branches (SLD then refuses, as on DDPM models)."""
+    with_extra = [h for h in hooks if getattr(h, "extra_embeds", None) is not None]
+    v_u = v_c = None
+    extra: dict[str, Tensor] = {}
+    if uncond is None:
+        v = flow_velocity(unet, x, t, cond, None, 1.0, guidance=guidance)
+    else:
+        v_u, v_c, outs = flow_branches(
+            unet, x, t, cond, uncond, [h.extra_embeds for h in with_extra]
+        )
+        v = v_u + scale * (v_c - v_u)  # as `flow_velocity` combines them
+        extra = {h.name: o for h, o in zip(with_extra, outs, strict=True)}
+    info = FlowGuidanceStep(
+        x_t=x.to(torch.float32),
+        sigma=sigma.to(torch.float32),
+        step=torch.full((x.shape[0],), step, dtype=torch.int64, device=x.device),
+        velocity=v,
+        v_cond=v_c,
+        v_uncond=v_u,
+        guidance_scale=scale,
+        extra=extra,
+    )
+    v, new_states = info.velocity, []
+    for hook, state in zip(hooks, states, strict=True):
+        if hasattr(hook, "flow_guidance"):
+            v, state = hook.flow_guidance(replace(info, velocity=v), state)
+        else:
+            v = hook.flow_velocity(x, v, sigma, t)
+        new_states.append(state)
+    return v, new_states
 
 
 def flow_transition_log_prob(
@@ -672,11 +801,13 @@ def flow_transition_log_prob(
 
 
 __all__ = (
+    "FlowGuidanceStep",
     "FlowSchedule",
     "FlowStepOutput",
     "FlowTrajectory",
     "SDEWindow",
     "eps_from_velocity",
+    "flow_branches",
     "flow_rollout",
     "flow_sample",
     "flow_sde_step",
@@ -713,9 +844,9 @@ def flow_sample(
     scheduler must be "ddim" (the default: the names of other schedulers are DDPM-type
     samplers, which flow models do not use). guidance_scale: CFG scale for SD3, the guidance
     input for FLUX-dev (`resolve_flow_guidance`); negative: [1 or N, L, D] replacing the
-    negative prompt's embeddings (CFG models only). Sampler hooks act here only if they
-    correct the velocity (`flow_velocity_hooks`: the Safe Denoiser); the others (SLD, SAFREE,
-    ...) are written in DDPM's epsilon units and are refused with a one-line error.
+    negative prompt's embeddings (CFG models only). Sampler hooks act here only if they have
+    a flow form (`flow_velocity_hooks`: the Safe Denoiser; SLD, on CFG models only); the others
+    (SAFREE, ...) are refused with a one-line error.
     """
     if settings.scheduler != "ddim":
         raise SafediffError(
@@ -723,6 +854,13 @@ def flow_sample(
             "sample with the flow sampler: leave the scheduler at its default"
         )
     hooks = flow_velocity_hooks(hooks)
+    needs_cfg = [h.name for h in hooks if hasattr(h, "flow_guidance")]
+    if needs_cfg and has_guidance_input(model.unet):
+        raise SafediffError(
+            f"{', '.join(needs_cfg)} does not apply to guidance-distilled FLUX models: it acts on "
+            "the classifier-free guidance branches, and the guidance is a transformer input with "
+            "no unconditional pass; use safe-denoiser, DES or a trained model"
+        )
     if negative is not None and has_guidance_input(model.unet):
         raise SafediffError(
             "negative prompts (negprompt) do not apply to guidance-distilled FLUX models: the "
@@ -756,14 +894,19 @@ def flow_sample(
 
 def flow_velocity_hooks(hooks: Sequence[Any]) -> list[Any]:
     """The sampler hooks as flow-model velocity corrections: each must have a method
-    flow_velocity(x_t [B, C, h, w], v [B, C, h, w], sigma [B], t [B]) -> v' (the Safe Denoiser
-    has one); any other (SLD, SAFREE, ...: epsilon-space guidance of DDPM models) is a one-line
-    error naming it."""
-    bad = [getattr(h, "name", type(h).__name__) for h in hooks if not hasattr(h, "flow_velocity")]
+    flow_velocity(x_t [B, C, h, w], v [B, C, h, w], sigma [B], t [B]) -> v' (the Safe Denoiser)
+    or flow_guidance(`FlowGuidanceStep`, state) -> (v', state') (SLD); any other (SAFREE, ...:
+    guidance written for DDPM models only) is a one-line error naming it."""
+    flow_forms = ("flow_velocity", "flow_guidance")
+    bad = [
+        getattr(h, "name", type(h).__name__)
+        for h in hooks
+        if not any(hasattr(h, f) for f in flow_forms)
+    ]
     if bad:
         raise SafediffError(
             f"sampler-side defenses ({', '.join(bad)}) do not support flow models (SD3, FLUX): "
-            "they act on DDPM's noise prediction; use safe-denoiser, negative prompts, DES or a "
-            "trained model"
+            "they act on DDPM's noise prediction; use safe-denoiser, sld, negative prompts, DES or "
+            "a trained model"
         )
     return list(hooks)
