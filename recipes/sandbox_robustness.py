@@ -1,8 +1,11 @@
 """The robustness table on the sandbox: every attack against every defense row, ASR with intervals.
 
-    python recipes/sandbox_robustness.py --out runs/robustness [--grpo-run DEMO/train] [--smoke]
-        [--rows NAME,NAME] [--attacks NAME,NAME] [--per-family N] [--recipe FILE] [--threads N]
-        [--device cpu]
+    python recipes/sandbox_robustness.py --out runs/robustness [--run grpo=DEMO/train]
+        [--run grpo-adv=ADV/round-1/train] [--smoke] [--rows NAME,NAME] [--attacks NAME,NAME]
+        [--per-family N] [--recipe FILE] [--threads N] [--device cpu]
+
+`--grpo-run DIR` is `--run grpo=DIR`. Rows whose model names a run (`grpo`, `grpo-adv`, ...)
+are left out unless that run is given.
 
 Rows (defended models) and columns (attacks) are data: recipes/sandbox_robustness.yaml. Every cell
 is one `safediff attack` run (`safediff.attacks.run.run_attack`) of its attack against its row, on
@@ -43,9 +46,11 @@ def load_recipe(path: str | Path = RECIPE) -> dict[str, Any]:
         raise SafediffError(f"{path}: missing top-level key(s) {missing}")
     for name, row in data["rows"].items():
         unknown = sorted(set(row or {}) - {"model", "defense"})
-        if unknown or (row or {}).get("model") not in (None, "grpo"):
+        model = (row or {}).get("model")
+        if unknown or not (model is None or (isinstance(model, str) and model.strip())):
             raise SafediffError(
-                f"{path}: row {name!r} must hold model (null or grpo) and defense only"
+                f"{path}: row {name!r} must hold model (null or a run name such as grpo) and "
+                "defense only"
             )
     for name, attack in data["attacks"].items():
         unknown = sorted(set(attack or {}) - {"transfer", "options", "smoke"})
@@ -104,6 +109,21 @@ def select_targets(spec: str, per_family: int | None):
     return replace(target_set, targets=tuple(kept))
 
 
+def parse_runs(items: list[str] | None, grpo_run: str | None) -> dict[str, str]:
+    """{run name: model spec} of `--run NAME=DIR` flags and `--grpo-run DIR` (= `--run grpo=DIR`)."""
+    runs: dict[str, str] = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise SafediffError(f"--run takes NAME=DIR (e.g. grpo=runs/demo/train); got {item!r}")
+        runs[name.strip()] = spec.strip()
+    if grpo_run is not None:
+        if runs.get("grpo", grpo_run) != grpo_run:
+            raise SafediffError("--grpo-run and --run grpo=... name different runs; give one")
+        runs["grpo"] = grpo_run
+    return runs
+
+
 def slug(name: str) -> str:
     from safediff.sandbox.defense_eval import slug as row_slug
 
@@ -130,8 +150,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(args.recipe)
     mode = "smoke" if args.smoke else "full"
     rows, attacks, settings = mode_plan(recipe, mode, args.rows, args.attacks)
-    if args.grpo_run is None:
-        rows = [r for r in rows if recipe["rows"][r].get("model") != "grpo"]
+    runs = parse_runs(args.run, args.grpo_run)
+    rows = [r for r in rows if recipe["rows"][r].get("model") in (None, *runs)]
+
+    def model_of(row: str) -> str | None:
+        """The row's model spec: None (the base model) or the run its model names."""
+        name = recipe["rows"][row].get("model")
+        return None if name is None else runs[name]
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_family = args.per_family if args.per_family else settings.get("per_family")
@@ -152,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cells: dict[str, dict[str, Any]] = {r: {} for r in rows}
     sources: dict[tuple[str, str], Path] = {}  # (attack, encoder group) -> the searched run
     for row in rows:
-        model_spec = args.grpo_run if recipe["rows"][row].get("model") == "grpo" else None
+        model_spec = model_of(row)
         base = load_t2i_model(resolve_model(model_spec), device=args.device)
         model, defense = apply_defenses(base, specs[row], device=args.device)
         victim = Victim(model, defense, sampler, base=base, spec=specs[row] or "none")
@@ -185,8 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if settings.get("utility"):
         evaluated = evaluate_defenses(
             out / "utility",
-            {r: (args.grpo_run if recipe["rows"][r].get("model") == "grpo" else None, specs[r])
-             for r in rows},
+            {r: (model_of(r), specs[r]) for r in rows},
             sizes=eval_sizes(settings["utility"] == "quick"),
             base=base_cfg.pretrained, device=args.device, progress=progress,
         )  # fmt: skip
@@ -196,7 +221,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": protocol.name,
         "targets": [t.target_id for t in target_set.targets],
         "sampler": sampler.to_dict(),
-        "rows": {r: {"defense": specs[r], "model": recipe["rows"][r].get("model")} for r in rows},
+        "rows": {
+            r: {"defense": specs[r], "model": recipe["rows"][r].get("model"), "run": model_of(r)}
+            for r in rows
+        },
         "attacks": attacks,
         "cells": cells,
         "utility": utility,
@@ -244,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grpo-run", help="a `safediff train` run folder for the GRPO rows")
+    p.add_argument(
+        "--run",
+        action="append",
+        metavar="NAME=DIR",
+        help="a run folder for the rows whose model is NAME (repeatable; grpo=DIR is --grpo-run)",
+    )
     p.add_argument("--smoke", action="store_true", help="the CI smoke run (a few targets)")
     p.add_argument("--rows", help="comma-separated row names (default: the mode's)")
     p.add_argument("--attacks", help="comma-separated attack names (default: the mode's)")

@@ -101,3 +101,31 @@ def test_smoke_run_writes_the_table_and_resumes(tmp_path, capsys):
     second = json.loads((out / "robustness.json").read_text())
     strip = lambda d: {r: {a: c["asr"] for a, c in cs.items()} for r, cs in d["cells"].items()}  # noqa: E731
     assert strip(second) == strip(first)
+
+
+def test_runs_are_named_and_grpo_run_is_the_run_named_grpo():
+    m = _module()
+    assert m.parse_runs(["grpo=a/train", "grpo-adv=b/round-1/train"], None) == {
+        "grpo": "a/train",
+        "grpo-adv": "b/round-1/train",
+    }
+    assert m.parse_runs(None, "a/train") == {"grpo": "a/train"}
+    assert m.parse_runs(["grpo=a/train"], "a/train") == {"grpo": "a/train"}
+    for bad, match in ((["grpo"], "NAME=DIR"), (["=x"], "NAME=DIR"), (["grpo=b"], "different")):
+        with pytest.raises(SafediffError, match=match):
+            m.parse_runs(bad, "a/train")
+    rows = m.load_recipe()["rows"]
+    assert rows["GRPO + steering + adversarial rounds"] == {"model": "grpo-adv", "defense": ""}
+
+
+def test_recipe_refuses_a_row_model_that_names_no_run(tmp_path):
+    m = _module()
+    bad = tmp_path / "r.yaml"
+    bad.write_text("rows: {x: {model: 3, defense: ''}}\nattacks: {}\nfull: {}\nsmoke: {}\n")
+    with pytest.raises(SafediffError, match="run name"):
+        m.load_recipe(bad)
+
+
+def test_row_names_can_be_given_to_rows():
+    """--rows splits on commas: no row name may hold one."""
+    assert not [name for name in _module().load_recipe()["rows"] if "," in name]

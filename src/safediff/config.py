@@ -510,7 +510,8 @@ class RewardConfig:
             "gating, threshold, temperature; see safediff.rewards.clip_rewards). Three of them "
             "overlap on the encoder's precision: `dtype` (its weights' dtype), `precision` (an "
             "open_clip precision such as 'amp' or 'fp16', which overrides dtype for open_clip and "
-            "HPSv2 encoders) and `autocast` (a torch.autocast dtype around encoding); set one."
+            "HPSv2 encoders) and `autocast` (a torch.autocast dtype around encoding; the default "
+            "'auto' is float16 on CUDA and off on the CPU); set one."
         ),
     )
 
@@ -554,6 +555,33 @@ class PromptsConfig:
             "stop there instead). Needs stratify 'none' and at least one epoch's groups of "
             "prompts.",
             choices=("random", "pass"),
+        ),
+    )
+    adversarial: str | None = field(
+        default=None,
+        metadata=doc(
+            "Adversarial prompts to mix into each epoch's groups: an attack run folder "
+            "(`safediff attack --out`) or a JSON Lines file of records with 'adversarial_prompt' "
+            "and 'prompt' (the target it was found for); several comma-separated. The policy is "
+            "conditioned on the adversarial text while the reward and its gate score the image "
+            "against the target prompt (safediff.rl.adversarial_prompts). Embedding results are "
+            "skipped. Resuming needs the same prompts (the run records their digest); a new "
+            "run.output_dir resuming from a checkpoint may change them (a new round). null: none.",
+        ),
+    )
+    adversarial_share: float = field(
+        default=0.25,
+        metadata=doc(
+            "With prompts.adversarial: the share of each epoch's groups given to adversarial "
+            "prompts (rounded half up; the other groups are drawn from prompts.file as usual).",
+            bounds="[0, 1]",
+        ),
+    )
+    adversarial_failed: bool = field(
+        default=False,
+        metadata=doc(
+            "With prompts.adversarial: use the attack results that did not succeed too (by "
+            "default only successful ones are trained on).",
         ),
     )
 
@@ -663,6 +691,27 @@ class RunConfig:
             experimental=True,
         ),
     )
+    fsdp: bool = field(
+        default=False,
+        metadata=doc(
+            "Shard a full fine-tune of an SD3 / FLUX transformer across the processes of "
+            "`accelerate launch` with PyTorch FSDP2 (accelerate's FullyShardedDataParallelPlugin): "
+            "each process keeps 1/N of the weights, gradients and AdamW moments, each transformer "
+            "block (JointTransformerBlock; FluxTransformerBlock, FluxSingleTransformerBlock) one "
+            "unit gathered for its forward and backward. Rollouts, rewards, advantages and the "
+            "loss are unchanged; checkpoints are gathered into the usual full layout. Not with "
+            "LoRA, UNet models, run.merge_weight != 1 or run.compile. accelerate shards on GPUs "
+            "only: elsewhere the run trains unsharded, with a warning. See docs/training.md."
+        ),
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata=doc(
+            "With run.fsdp: free each block's gathered weights after its forward pass and gather "
+            "them again for the backward (FSDP2's reshard_after_forward, ZeRO-3: least memory); "
+            "false keeps them gathered until the backward (less communication, more memory)."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -761,11 +810,31 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.prompts.file.strip() != "", "prompts.file must not be empty"),
         (
+            cfg.prompts.adversarial is None or cfg.prompts.adversarial.strip() != "",
+            "prompts.adversarial must name an attack run folder or a file, or be null",
+        ),
+        (
             cfg.run.frozen_dtype == "float32"
             or FROZEN_DTYPE_PRECISION[cfg.run.frozen_dtype] == cfg.run.mixed_precision,
             f"run.frozen_dtype {cfg.run.frozen_dtype} needs run.mixed_precision="
             f"{FROZEN_DTYPE_PRECISION.get(cfg.run.frozen_dtype)} (got "
             f"{cfg.run.mixed_precision!r}): frozen weights are kept in the autocast dtype",
+        ),
+        (
+            not (cfg.run.fsdp and cfg.lora.enabled),
+            "run.fsdp shards a full fine-tune; a LoRA run trains a small adapter on a frozen base "
+            "and runs data-parallel: set run.fsdp=false or lora.enabled=false",
+        ),
+        (
+            not (cfg.run.fsdp and cfg.run.merge_weight != 1.0),
+            "run.merge_weight needs the whole model in one process, run.fsdp shards it: set "
+            "run.merge_weight=1 and interpolate a saved checkpoint after training "
+            "(safediff.models.interpolate.interpolated_copy)",
+        ),
+        (
+            not (cfg.run.fsdp and cfg.run.compile != "none"),
+            f"run.compile {cfg.run.compile!r} with run.fsdp is not supported (compiling a sharded "
+            "transformer is untested here): set run.compile=none",
         ),
         (
             not (cfg.prompts.order == "pass" and cfg.prompts.stratify != "none"),

@@ -79,19 +79,22 @@ def save_checkpoint(
     run_dir: Path,
     epoch: int,
     unet: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     *,
     is_lora: bool,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint-<epoch> atomically and delete all but the newest `keep_last`."""
+    """Write checkpoint-<epoch> atomically and delete all but the newest `keep_last`.
+
+    optimizer: the optimizer, or its state_dict (an FSDP run's full state, gathered first)."""
     final = checkpoint_dir(run_dir, epoch)
     with atomic_dir(final) as tmp:
         if is_lora:
             unet.save_pretrained(tmp / "lora")
         else:
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        tensors, groups = optimizer_to_tensors(optimizer.state_dict())
+            unet.save_pretrained(tmp / "unet", safe_serialization=True, **_one_file(unet))
+        state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        tensors, groups = optimizer_to_tensors(state_dict)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         files = {
             f.relative_to(tmp).as_posix(): f.stat().st_size
@@ -108,6 +111,15 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def _one_file(unet: nn.Module) -> dict[str, Any]:
+    """save_pretrained's arguments that keep a diffusers model's weights in one file at any size:
+    resume and `checkpoint_problem` read unet/diffusion_pytorch_model.safetensors, and FLUX's
+    11.9 B float32 weights (48 GB) are past diffusers' 10 GB default shard size."""
+    from diffusers import ModelMixin
+
+    return {"max_shard_size": "1TB"} if isinstance(unet, ModelMixin) else {}
 
 
 def _weights_file(is_lora: bool) -> str:
@@ -188,11 +200,12 @@ def latest_intact_checkpoint(run_dir: Path, *, is_lora: bool) -> Path | None:
     return None
 
 
-def load_checkpoint(
-    path: Path, unet: nn.Module, optimizer: torch.optim.Optimizer, *, is_lora: bool
-) -> int:
-    """Load weights and optimizer state from `path` into the given objects; returns its epoch.
-    A checkpoint that `checkpoint_problem` finds damaged is refused with its reason."""
+def read_checkpoint(
+    path: Path, *, is_lora: bool
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """(epoch, weights, optimizer state_dict) of the checkpoint at `path`, on the CPU: the UNet's
+    full state dict or the LoRA adapter's tensors. A checkpoint that `checkpoint_problem` finds
+    damaged is refused with its reason."""
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise SafediffError(f"not a safediff checkpoint (no {STATE_FILE}): {path}")
@@ -205,23 +218,35 @@ def load_checkpoint(
             f"checkpoint {path} has format {state.get('format_version')}, expected {FORMAT_VERSION}"
         )
     if is_lora:
-        from peft import set_peft_model_state_dict
-
         weights = load_file(str(path / "lora" / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(unet, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise SafediffError(
-                f"LoRA checkpoint {path} does not match this adapter: {result.unexpected_keys[:3]}"
-            )
     else:
         weights_file = path / "unet" / "diffusion_pytorch_model.safetensors"
         if not weights_file.is_file():
             raise SafediffError(
                 f"checkpoint {path} has no UNet weights ({weights_file}); was it a LoRA run?"
             )
-        unet.load_state_dict(load_file(str(weights_file)), strict=True)
+        weights = load_file(str(weights_file))
     opt_state = optimizer_from_tensors(
         load_file(str(path / "optimizer.safetensors")), state["param_groups"]
     )
+    return int(state["epoch"]), weights, opt_state
+
+
+def load_checkpoint(
+    path: Path, unet: nn.Module, optimizer: torch.optim.Optimizer, *, is_lora: bool
+) -> int:
+    """Load weights and optimizer state from `path` into the given objects; returns its epoch.
+    A checkpoint that `checkpoint_problem` finds damaged is refused with its reason."""
+    epoch, weights, opt_state = read_checkpoint(path, is_lora=is_lora)
+    if is_lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(unet, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise SafediffError(
+                f"LoRA checkpoint {path} does not match this adapter: {result.unexpected_keys[:3]}"
+            )
+    else:
+        unet.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(opt_state)
-    return int(state["epoch"])
+    return epoch

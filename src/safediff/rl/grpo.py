@@ -158,7 +158,9 @@ def group_advantages(
 
 @dataclass(frozen=True)
 class PolicyStats:
-    """Diagnostics of one `clipped_policy_loss` call (plain floats, no graph).
+    """Diagnostics of one `clipped_policy_loss` call: detached 0-d float32 tensors on the loss's
+    device, so a training loop can gather them without a host sync per micro-batch (`floats()`
+    brings them back in one transfer).
 
     clip_fraction: fraction of transitions with |ratio - 1| > clip_range.
     approx_kl: mean of 0.5 * (logp_new - logp_old)^2, a second-order estimate of KL(old || new).
@@ -166,10 +168,16 @@ class PolicyStats:
     ratio_max_dev: max |ratio - 1| (0.0 exactly on-policy; the drift to watch in bf16/fp16).
     """
 
-    clip_fraction: float
-    approx_kl: float
-    ratio_mean: float
-    ratio_max_dev: float
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_max_dev: torch.Tensor
+
+    def floats(self) -> dict[str, float]:
+        """The four statistics as Python floats (one device-to-host transfer)."""
+        names = ("clip_fraction", "approx_kl", "ratio_mean", "ratio_max_dev")
+        values = torch.stack([getattr(self, n) for n in names]).cpu().tolist()
+        return dict(zip(names, values, strict=True))
 
 
 def clipped_policy_loss(
@@ -215,10 +223,10 @@ def clipped_policy_loss(
         lr = log_ratio.detach().float()
         dev = (r - 1.0).abs()
         stats = PolicyStats(
-            clip_fraction=float((dev > clip_range).float().mean().item()),
-            approx_kl=float((0.5 * lr * lr).mean().item()),
-            ratio_mean=float(r.mean().item()),
-            ratio_max_dev=float(dev.max().item()),
+            clip_fraction=(dev > clip_range).float().mean(),
+            approx_kl=(0.5 * lr * lr).mean(),
+            ratio_mean=r.mean(),
+            ratio_max_dev=dev.max(),
         )
     return loss, stats
 

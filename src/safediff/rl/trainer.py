@@ -60,8 +60,10 @@ from safediff.prompts import (
     sample_prompts_stratified,
 )
 from safediff.rewards.base import CachedReward, GatedReward, RewardFn, check_reward_output
+from safediff.rl import adversarial_prompts as adv_prompts
 from safediff.rl import checkpoint as ckpt
 from safediff.rl import flow_policy
+from safediff.rl import fsdp as sharding
 from safediff.rl.grpo import clipped_policy_loss, group_advantages, summarize_rewards
 from safediff.rl.lr_schedule import epoch_lr
 from safediff.sampling.ddim import DDIMStepOutput, gaussian_kl, step_std
@@ -80,7 +82,12 @@ RESUMABLE_CHANGES = {
     "run.log_with",
     "run.merge_weight",  # applied after training: checkpoints hold the trained weights
     "run.output_dir",  # a run folder that was moved or copied resumes where it now is
+    "run.fsdp",  # an FSDP checkpoint has the unsharded one's files (rl/fsdp.py)
+    "run.fsdp_reshard_after_forward",
 }
+# Config keys a new run folder may change from the run whose checkpoint it starts from: a new
+# round of adversarial training (its own folder records its prompts' digest; rl/adversarial_prompts).
+ROUND_CHANGES = {"prompts.adversarial", "prompts.adversarial_share", "prompts.adversarial_failed"}
 
 
 # --------------------------------------------------------------------------- the update plan
@@ -315,10 +322,12 @@ class GRPOTrainer:
         accelerator,
         kinds: list[str] | None = None,
         families: list[str | None] | None = None,
+        adversarial: adv_prompts.AdversarialPool | None = None,
     ) -> None:
         """kinds: a label per prompt (e.g. 'safe' / 'unsafe') for per-kind reward logs and
         `prompts.stratify`. families: a concept family per prompt or None (e.g. 'skull'), which
-        `prompts.stratify=kind_family` stratifies on too."""
+        `prompts.stratify=kind_family` stratifies on too. adversarial: the pool of
+        `prompts.adversarial` (None: loaded from the config when it names one)."""
         self.cfg = cfg
         self.model = model
         self.reward = reward
@@ -342,6 +351,17 @@ class GRPOTrainer:
             )
         by = "kind" if cfg.prompts.stratify == "none" else cfg.prompts.stratify
         self.strata = prompt_strata(self.kinds, self.families, by)
+        if adversarial is None and cfg.prompts.adversarial is not None:
+            adversarial = adv_prompts.load_adversarial_prompts(
+                cfg.prompts.adversarial, include_failed=cfg.prompts.adversarial_failed
+            )
+        self.adversarial = adversarial
+        # Prompt index i < len(prompts) is prompts[i]; len(prompts) + j is adversarial entry j,
+        # conditioned on its adversarial text and scored against its target prompt.
+        pool = adversarial.prompts if adversarial is not None else ()
+        self.condition_texts = [*prompts, *(a.text for a in pool)]
+        self.reward_texts = [*prompts, *(a.target for a in pool)]
+        self.kinds = [*self.kinds, *[adv_prompts.ADVERSARIAL_KIND] * len(pool)]
         self.acc = accelerator
         self.run_dir = Path(cfg.run.output_dir)
         self.device = accelerator.device
@@ -396,6 +416,7 @@ class GRPOTrainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         unet = self.model.unet
+        self.fsdp = self._check_fsdp(unet)
         unet.to(self.device)
         configure_unet_speed(
             unet, self.device, tf32=cfg.run.tf32, channels_last=cfg.run.channels_last
@@ -438,15 +459,66 @@ class GRPOTrainer:
             params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
         )
         self.unet, self.optimizer = self.acc.prepare(unet, optimizer)
-        self.trainable = params
+        # FSDP replaces every parameter by its shard (a DTensor): clip and log those
+        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         # run.merge_weight needs the base weights at the end: LoRA keeps them under the adapter,
         # a KL term keeps a frozen copy; otherwise keep one on the CPU (before any resume loads)
         self._base_state = None
         if cfg.run.merge_weight != 1.0 and not self.is_lora and self.ref_unet is None:
             self._base_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
 
+    def _check_fsdp(self, unet: torch.nn.Module) -> bool:
+        """Whether accelerate shards the UNet with FSDP (run.fsdp on GPU processes), after the
+        one-line refusals: FSDP turned on by the accelerate launch config instead of run.fsdp, or
+        a model FSDP does not shard here. Names the transformer's blocks as FSDP units."""
+        from accelerate.utils import DistributedType
+
+        engaged = self.acc.distributed_type == DistributedType.FSDP
+        if engaged and not self.cfg.run.fsdp:
+            raise SafediffError(
+                "accelerate was launched with FSDP (its config's distributed_type) but run.fsdp "
+                "is false: set run.fsdp=true (safediff builds the plugin it supports) or launch "
+                "without FSDP"
+            )
+        if not self.cfg.run.fsdp:
+            return False
+        sharding.block_classes(unet)  # SD3 / FLUX only, even where accelerate will not shard
+        if not engaged:
+            logger.warning(
+                "run.fsdp: accelerate runs %s here, not FSDP (it shards across GPU processes "
+                "only); training unsharded",
+                self.acc.distributed_type,
+            )
+            return False
+        if self.acc.state.fsdp_plugin.fsdp_version != 2:
+            raise SafediffError("run.fsdp needs accelerate's FSDP2 plugin (fsdp_version 2)")
+        sharding.shard_blocks_of(self.acc.state.fsdp_plugin, unet)
+        return True
+
     def bare_unet(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.unet)
+
+    def checkpoint_state(self) -> tuple[torch.nn.Module | None, Any]:
+        """What a checkpoint saves: (the UNet, the optimizer or its state dict). Under FSDP this
+        gathers the full weights and optimizer state (collective: every process calls it) and only
+        the main process gets them, the UNet as a plain diffusers module (others: None, {})."""
+        if not self.fsdp:
+            return self.bare_unet(), self.optimizer
+        weights, optimizer_state = sharding.full_state(self.unet, self.optimizer.optimizer)
+        if not self.acc.is_main_process:
+            return None, optimizer_state
+        return sharding.plain_copy(self.unet, weights), optimizer_state
+
+    def resume_from(self, path: Path) -> int:
+        """Load a checkpoint's weights and optimizer state (into the shards under FSDP: every
+        process calls it); returns its epoch."""
+        if not self.fsdp:
+            return ckpt.load_checkpoint(
+                path, self.bare_unet(), self.optimizer, is_lora=self.is_lora
+            )
+        epoch, weights, optimizer_state = ckpt.read_checkpoint(path, is_lora=False)
+        sharding.load_full_state(self.unet, self.optimizer.optimizer, weights, optimizer_state)
+        return epoch
 
     def final_unet(self) -> torch.nn.Module:
         """The run's final model: the trained UNet or, with run.merge_weight != 1, a plain UNet
@@ -483,10 +555,16 @@ class GRPOTrainer:
         per group of K, drawn from a generator seeded by (seed, epoch), or the epoch's share of a
         pass over the list (`prompts.order=pass`), so every process and every caller gets the
         same list."""
-        k = self.cfg.grpo.group_size
-        n_groups = self.total_samples // k
+        k, p = self.cfg.grpo.group_size, self.cfg.prompts
+        n_all = self.total_samples // k
+        n_adv = 0
+        if self.adversarial is not None:
+            n_adv = adv_prompts.adversarial_group_count(n_all, p.adversarial_share)
+        n_groups = n_all - n_adv  # the groups drawn from prompts.file
         gen = generator(derive_seed(self.cfg.run.seed, "prompts", epoch))
-        if self.cfg.prompts.order == "pass":
+        if n_groups == 0:
+            per_group = []
+        elif self.cfg.prompts.order == "pass":
             per_group = prompt_pass_indices(len(self.prompts), n_groups, epoch, self.cfg.run.seed)
         elif self.cfg.prompts.stratify != "none":
             per_group = sample_prompts_stratified(
@@ -494,7 +572,20 @@ class GRPOTrainer:
             )
         else:
             per_group = sample_prompts(self.prompts, n_groups, gen)
+        if n_adv:
+            assert self.adversarial is not None
+            n_pool = len(self.adversarial.prompts)
+            seed = self.cfg.run.seed
+            per_group = adv_prompts.mix_groups(
+                per_group, n_pool, n_adv, len(self.prompts), seed, epoch
+            )
         return [per_group[g // k] for g in range(self.total_samples)]
+
+    def reward_prompts(self, epoch: int) -> list[str]:
+        """The prompt the reward scores each of this process's samples of `epoch` against: its
+        own prompt, or an adversarial prompt's target (rl/adversarial_prompts.py says why)."""
+        sample_prompt = self.sample_prompt_indices(epoch)
+        return [self.reward_texts[sample_prompt[g]] for g in self._local_indices()]
 
     def rollout_epoch(
         self, epoch: int
@@ -503,7 +594,7 @@ class GRPOTrainer:
         cfg, s = self.cfg, self.cfg.sampling
         local = self._local_indices()
         sample_prompt = self.sample_prompt_indices(epoch)
-        prompts = [self.prompts[sample_prompt[g]] for g in local]
+        prompts = [self.condition_texts[sample_prompt[g]] for g in local]
         gens = [generator(derive_seed(cfg.run.seed, "noise", epoch, g)) for g in local]
         if s.device_noise:  # per-sample device generators, seeded from the CPU ones
             gens = device_generators(gens, self.device)
@@ -596,13 +687,14 @@ class GRPOTrainer:
             )
         n_train = trained_steps_per_trajectory(len(steps), g.timestep_fraction)
         uncond = batch.negative_embeds if g.train_cfg else None
-        # Host syncs: losses, KL terms and gradient norms stay on the device as 0-d tensors and
-        # come back in one transfer at the end; the finiteness check syncs once per optimizer
-        # step, before the step is applied. (clipped_policy_loss's PolicyStats are floats: that
-        # function still syncs per micro-batch.)
-        stats: dict[str, list[float]] = {k: [] for k in ("clip_fraction", "approx_kl")}
-        on_device: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "kl", "grad_norm")}
-        ratio_drift = float("nan")
+        # Host syncs: losses, KL terms, policy statistics and gradient norms stay on the device
+        # as 0-d tensors and come back in one transfer at the end; the finiteness check syncs
+        # once per optimizer step, before the step is applied.
+        stats: dict[str, list[float]] = {}
+        on_device: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("loss", "kl", "grad_norm", "clip_fraction", "approx_kl")
+        }
+        ratio_drift: torch.Tensor | None = None
         for inner in range(g.inner_epochs):
             # Which steps each sample trains, in which order: drawn per global sample index
             # (rank-independent).
@@ -619,17 +711,18 @@ class GRPOTrainer:
                 losses: list[torch.Tensor] = []
                 for k, mb in enumerate(chunk):
                     sync = k == len(chunk) - 1
-                    ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.unet)
+                    # FSDP: no_sync would hold whole unsharded gradients until the last
+                    # micro-batch; reduce-scatter each one instead (1/N of the memory)
+                    reduce_now = sync or self.world == 1 or self.fsdp
+                    ctx = nullcontext() if reduce_now else self.acc.no_sync(self.unet)
                     with ctx:
                         loss, mstats = self._micro_step(mb, batch, uncond, n_chunk)
                         self.acc.backward(loss)
                     losses.append(loss.detach())
                     if inner == 0 and step_no == 0 and k == 0:
                         ratio_drift = mstats["ratio_max_dev"]
-                    for key in ("clip_fraction", "approx_kl"):
-                        stats[key].append(mstats[key])
-                    on_device["loss"].append(mstats["loss"])
-                    on_device["kl"].append(mstats["kl"])
+                    for key in ("loss", "kl", "clip_fraction", "approx_kl"):
+                        on_device[key].append(mstats[key])
                 if not bool(torch.isfinite(torch.stack(losses)).all()):  # one sync per step
                     raise SafediffError(
                         f"GRPO loss is not finite at epoch {epoch} (policy loss "
@@ -642,7 +735,7 @@ class GRPOTrainer:
             stats[key] = torch.stack(values).cpu().tolist() if values else []
         out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
         out["loss"] = sum(stats["loss"]) / max(1, g.inner_epochs)  # mean objective per inner epoch
-        out["ratio_drift_first_batch"] = ratio_drift
+        out["ratio_drift_first_batch"] = float(ratio_drift) if ratio_drift is not None else math.nan
         out["transitions_per_inner_epoch"] = float(n_local * n_train)
         return out
 
@@ -653,8 +746,8 @@ class GRPOTrainer:
         uncond: torch.Tensor | None,
         n_chunk: int,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss of one backward pass and its statistics: 'loss' and 'kl' as detached 0-d
-        tensors on the device (no host sync), the PolicyStats entries as floats."""
+        """The loss of one backward pass and its statistics, all detached 0-d tensors on the
+        device (no host sync)."""
         cfg, traj = self.cfg, batch.traj
         j = torch.tensor([p[0] for p in mb])
         s = torch.tensor([p[1] for p in mb])
@@ -762,8 +855,8 @@ class GRPOTrainer:
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, zero the gradients; the gradient norm as a 0-d tensor (no host sync)."""
         max_norm = self.cfg.grpo.max_grad_norm
-        if max_norm > 0:
-            norm = self.acc.clip_grad_norm_(self.trainable, max_norm)
+        if max_norm > 0 or self.fsdp:  # accelerate's norm adds up FSDP's gradient shards
+            norm = self.acc.clip_grad_norm_(self.trainable, max_norm if max_norm > 0 else math.inf)
         else:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.trainable if p.grad is not None])
@@ -784,8 +877,9 @@ class GRPOTrainer:
         lr = epoch_lr(o.lr, o.lr_final, o.lr_schedule, epoch, cfg.run.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        traj, prompts, prompt_embeds, negative = self.rollout_epoch(epoch)
+        traj, _conditions, prompt_embeds, negative = self.rollout_epoch(epoch)
         t_rollout = time.perf_counter() - t0
+        prompts = self.reward_prompts(epoch)  # what the reward and its gate read
         _local_rewards, all_rewards = self.score(traj, prompts)
         group_ids = (
             torch.arange(self.total_samples, device=all_rewards.device) // cfg.grpo.group_size
@@ -892,6 +986,8 @@ def _check_saved_config(saved_file: Path, cfg: TrainConfig, run_dir: Path) -> No
             scheduled = name == "run.epochs" and cfg.optim.lr_schedule != "constant"
             if name in RESUMABLE_CHANGES and not scheduled:
                 continue
+            if name in ROUND_CHANGES and not mine:
+                continue
             if now.get(name) != value:
                 why = " (optim.lr_schedule depends on it)" if scheduled else ""
                 raise SafediffError(
@@ -936,12 +1032,13 @@ def train(
     resume: str | None = None,
     model: T2IModel | None = None,
     reward: RewardFn | None = None,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) GRPO training as configured. Returns a summary of the run.
 
     resume: None (fresh run; refuses a folder that already has checkpoints), "auto" (latest
     checkpoint in run.output_dir, else fresh) or a checkpoint folder path.
-    model / reward: pre-built objects (tests); default: built from the config.
+    model / reward / accelerator: pre-built objects (tests); default: built from the config.
     """
     from accelerate import Accelerator
 
@@ -949,13 +1046,32 @@ def train(
     from safediff.rewards.registry import build_reward
 
     run_dir = Path(cfg.run.output_dir)
-    acc = Accelerator(
-        mixed_precision=cfg.run.mixed_precision, log_with=_trackers(cfg), project_dir=str(run_dir)
+    acc = (
+        accelerator
+        if accelerator is not None
+        else Accelerator(
+            mixed_precision=cfg.run.mixed_precision,
+            log_with=_trackers(cfg),
+            project_dir=str(run_dir),
+            fsdp_plugin=(
+                sharding.fsdp_plugin(cfg.run.mixed_precision, cfg.run.fsdp_reshard_after_forward)
+                if cfg.run.fsdp
+                else None
+            ),
+        )
     )
     prompts, kinds, families = load_prompt_labels(cfg.prompts.file)
+    p = cfg.prompts
+    pool = None
+    if p.adversarial is not None:
+        pool = adv_prompts.load_adversarial_prompts(
+            p.adversarial, include_failed=p.adversarial_failed
+        )
     start_ckpt = _find_resume(run_dir, resume, is_lora=cfg.lora.enabled)
     if start_ckpt is not None:
         _check_resume_config(run_dir, cfg, start_ckpt)
+        if start_ckpt.resolve().parent.parent == run_dir.resolve():  # this run, resumed
+            adv_prompts.check_record(run_dir, pool)
     elif ckpt.list_checkpoints(run_dir):
         raise SafediffError(
             f"{run_dir} already has checkpoints; pass --resume auto to continue it, or choose another run.output_dir"
@@ -964,12 +1080,12 @@ def train(
         model = load_t2i_model(cfg.model, device=acc.device)
     if reward is None:
         reward = build_reward(cfg.reward, device=acc.device)
-    trainer = GRPOTrainer(cfg, model, reward, prompts, acc, kinds=kinds, families=families)
+    trainer = GRPOTrainer(
+        cfg, model, reward, prompts, acc, kinds=kinds, families=families, adversarial=pool
+    )
     start_epoch = 0
     if start_ckpt is not None:
-        start_epoch = ckpt.load_checkpoint(
-            start_ckpt, trainer.bare_unet(), trainer.optimizer, is_lora=trainer.is_lora
-        )
+        start_epoch = trainer.resume_from(start_ckpt)
         logger.info("resumed from %s (epoch %d)", start_ckpt, start_epoch)
     metrics_file = run_dir / "metrics.jsonl"
     if acc.is_main_process:
@@ -977,6 +1093,8 @@ def train(
         for folder in (run_dir, run_dir / "checkpoints"):
             remove_orphans(folder)  # temporaries of killed runs (a checkpoint's size each)
         save_config(cfg, run_dir / "config.yaml")
+        if pool is not None:
+            adv_prompts.write_record(run_dir, pool, p.adversarial_share)
         _truncate_metrics(metrics_file, start_epoch)
     if acc.log_with:
         acc.init_trackers("safediff", config={k: str(v) for k, v in flat_config(cfg).items()})
@@ -1007,12 +1125,14 @@ def train(
         done = epoch + 1
         if done % cfg.run.save_every == 0 or done == end_epoch:
             acc.wait_for_everyone()
+            unet_to_save, optimizer_state = trainer.checkpoint_state()  # every process
             if acc.is_main_process:
+                assert unet_to_save is not None
                 path = ckpt.save_checkpoint(
                     run_dir,
                     done,
-                    trainer.bare_unet(),
-                    trainer.optimizer,
+                    unet_to_save,
+                    optimizer_state,
                     is_lora=trainer.is_lora,
                     keep_last=cfg.run.keep_last,
                 )
