@@ -21,3 +21,14 @@ def test_module_digest_tracks_values_shapes_and_class():
         conv.weight.copy_(a.weight[:, :, None])
         conv.bias.copy_(a.bias)
     assert module_digest(conv) != module_digest(a)  # same numbers, other class and shapes
+
+
+def test_module_digest_of_a_channels_last_model_equals_the_contiguous_ones():
+    """A channels-last 1 x 1 conv weight is 'contiguous' with stride(-1) != 1; the digest reads
+    its values in logical order, so the memory format does not change it (and does not crash)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3))
+    want = module_digest(net)
+    net.to(memory_format=torch.channels_last)
+    assert net[0].weight.stride()[-1] != 1
+    assert module_digest(net) == want

@@ -13,5 +13,7 @@ def module_digest(module: nn.Module) -> str:
     for key, value in sorted(module.state_dict().items()):
         t = value.detach().cpu().contiguous()
         h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a channels-last 1 x 1 conv weight counts as contiguous, so .contiguous()
+        # keeps its strides (stride(-1) != 1), which a byte view refuses
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
