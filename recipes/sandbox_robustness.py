@@ -194,11 +194,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if transfer:
                     sources[group] = folder
             t0 = time.perf_counter()
-            summary = run_attack(
-                victim, attack, target_set.targets, judge, folder, protocol,
-                run_key={"row": row, "model": model_spec, "recipe_attack": name},
-                progress=progress,
-            )  # fmt: skip
+            try:
+                summary = run_attack(
+                    victim, attack, target_set.targets, judge, folder, protocol,
+                    run_key={"row": row, "model": model_spec, "recipe_attack": name},
+                    progress=progress,
+                )  # fmt: skip
+            except SafediffError as err:
+                # A pairing the library refuses (e.g. an embedding attack against a defense that
+                # filters prompt tokens) is a cell that does not apply, not a failed table.
+                cells[row][name] = {"asr": None, "not_applicable": str(err)}
+                print(f"{row} x {name}: does not apply: {err}", file=sys.stderr)
+                continue
             cells[row][name] = {
                 "asr": summary["asr"],
                 "searched_on": None if attack.name != "replay" else str(sources[group]),
@@ -256,9 +263,16 @@ def format_table(data: dict[str, Any], out: Path) -> str:
     ]
     for row, cells in data["cells"].items():
         util = _cell(data["utility"].get(row)) if data["utility"] else "-"
-        lines.append(
-            "| " + " | ".join([row, *(_cell(cells[a]["asr"]) for a in attacks), util]) + " |"
-        )
+        shown = ["n/a" if "not_applicable" in cells[a] else _cell(cells[a]["asr"]) for a in attacks]
+        lines.append("| " + " | ".join([row, *shown, util]) + " |")
+    skipped = [
+        f"- {row} x {a}: {cells[a]['not_applicable']}"
+        for row, cells in data["cells"].items()
+        for a in attacks
+        if "not_applicable" in cells[a]
+    ]
+    if skipped:
+        lines += ["", "n/a: the pairing does not apply:", *skipped]
     lines += [
         "",
         "Attacks marked transfer in the recipe searched once per text encoder and were replayed "

@@ -78,6 +78,21 @@ def test_table_has_a_cell_per_row_and_attack(tmp_path):
     assert "| base | 50% [25, 75] | 50% [25, 75] | 60% [50, 70] |" in text
 
 
+def test_a_cell_that_does_not_apply_is_shown_with_its_reason(tmp_path):
+    m = _module()
+    est = {"value": 1.0, "lo": 0.5, "hi": 1.0, "n": 4}
+    reason = "a defense of this stack (safree) filters the prompts' tokens"
+    data = {
+        "mode": "smoke", "protocol": "p", "targets": ["a"], "attacks": ["none", "textual-inversion"],
+        "cells": {"SAFREE": {"none": {"asr": est},
+                             "textual-inversion": {"asr": None, "not_applicable": reason}}},
+        "utility": {},
+    }  # fmt: skip
+    text = m.format_table(data, tmp_path)
+    assert "| SAFREE | 100% [50, 100] | n/a | - |" in text
+    assert f"- SAFREE x textual-inversion: {reason}" in text
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_the_table_and_resumes(tmp_path, capsys):
     m = _module()
