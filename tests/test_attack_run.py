@@ -200,6 +200,7 @@ def test_bad_inputs(tiny, tmp_path):
 
 def test_report_shows_an_attack_run_beside_evaluation_runs(tiny, tmp_path):
     from safediff.eval.report import build_report
+    from safediff.report_cli import SIDE_REPORTS
     from test_report import write_run  # a scored evaluation run written by hand
 
     write_run(tmp_path / "eval", "a", [1, 0], [30.0, 31.0])
@@ -207,7 +208,9 @@ def test_report_shows_an_attack_run_beside_evaluation_runs(tiny, tmp_path):
     run_attack(
         _victim(tiny), FixedPrompt("xyz"), TARGETS, BrightJudge(), tmp_path / "atk", protocol
     )
-    report = build_report([tmp_path / "eval", tmp_path / "atk"], tmp_path / "report")
+    report = build_report(
+        [tmp_path / "eval", tmp_path / "atk"], tmp_path / "report", side_reports=SIDE_REPORTS
+    )
     assert [r["name"] for r in report["runs"]] == ["eval"]
     assert report["attacks"][0]["name"] == "atk"
     html = (tmp_path / "report" / "report.html").read_text()

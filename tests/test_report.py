@@ -13,12 +13,13 @@ from PIL import Image
 
 from safediff.errors import SafediffError
 from safediff.eval import score as score_mod
-from safediff.eval.report import add_report_parser, build_report
+from safediff.eval.report import build_report
 from safediff.eval.score import category_breakdown
 from safediff.eval.scorers import clipscore, fid, nudenet, q16
 from safediff.eval.scorers.base import make_aggregate
 from safediff.eval.scorers.nudenet import nudenet_aggregate
 from safediff.eval.stats import Estimate, bootstrap_mean, paired_difference, wilson_interval
+from safediff.report_cli import add_report_parser
 
 NN = "nudenet-v3/exposed9@0.6"
 CS = "clipscore/vit-l-14"

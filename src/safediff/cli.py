@@ -24,7 +24,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("safediff.eval.generate", "add_generate_parser", "generate a prompt set's images"),
     "score": ("safediff.eval.score", "add_score_parser", "score a generated run folder"),
     "eval": ("safediff.eval.eval_cmd", "add_eval_parser", "generate then score a prompt set"),
-    "report": ("safediff.eval.report", "add_report_parser", "JSON/Markdown/HTML report of runs"),
+    "report": ("safediff.report_cli", "add_report_parser", "JSON/Markdown/HTML report of runs"),
     "des": ("safediff.defenses.cli", "add_des_parser", "DES: train a distorted text encoder"),
     "esd": ("safediff.defenses.cli", "add_esd_parser", "ESD: erase a concept from the UNet"),
     "negset": ("safediff.defenses.cli", "add_negset_parser", "Safe Denoiser negation sets"),

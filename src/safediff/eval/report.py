@@ -29,9 +29,8 @@ Bootstrap draws use numpy generators seeded with derive_seed(seed, protocol, run
 the report is a deterministic function of the stored results and `seed`.
 """
 
-import argparse
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -645,6 +644,23 @@ def _render(report: Mapping[str, Any], runs: Sequence[RunData], thumb: int) -> t
     return "\n".join(md), page("safediff evaluation report", h)
 
 
+@dataclass(frozen=True)
+class SideReport:
+    """Run folders of another kind (e.g. `safediff attack` runs, `safediff.attacks.run`) that a
+    report shows in a section of their own, passed in by the caller so that eval/ does not import
+    the modules that write them.
+
+    key: the report.json key of the section. title: the page title when every folder is of this
+    kind. claims(folder): whether a folder is one. render(folders, names, thumb=PX): (JSON
+    entries, Markdown, HTML parts) of the section.
+    """
+
+    key: str
+    title: str
+    claims: Callable[[Path], bool]
+    render: Callable[..., tuple[list[dict[str, Any]], str, list[str]]]
+
+
 def build_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -652,27 +668,34 @@ def build_report(
     seed: int = 0,
     max_grid: int = 24,
     thumb: int = 160,
+    side_reports: Sequence[SideReport] = (),
 ) -> dict[str, Any]:
     """Write report.json, report.md, report.html (and scatter.png) for scored runs.
 
     run_dirs: scored run folders; the first is the baseline deltas are taken against.
     out_dir: where the report goes (created). names: display names (default: folder names).
     seed: bootstrap seed of the deltas. max_grid: image rows in the grid. thumb: thumbnail px.
+    side_reports: other kinds of run folder to show in sections of their own (`safediff
+    report` passes the attack runs'); a folder goes to the first that claims it.
     Returns the report dict (as written to report.json).
     """
     if not run_dirs:
         raise SafediffError("report needs at least one run folder")
-    from safediff.attacks.run import attack_report, is_attack_run
-
     all_dirs = [Path(d) for d in run_dirs]
     named = list(zip(all_dirs, _run_names(all_dirs, names), strict=True))
-    attacks = [(d, n) for d, n in named if is_attack_run(d)]  # `safediff attack` folders
-    attack_entries, attack_md, attack_html = attack_report(
-        [d for d, _ in attacks], [n for _, n in attacks], thumb=min(thumb, 96)
-    )
-    if len(attacks) == len(named):
-        return _attack_only_report(out_dir, attack_entries, attack_md, attack_html)
-    runs = [load_run(d, n) for d, n in named if not is_attack_run(d)]
+
+    def owner(folder: Path) -> SideReport | None:
+        return next((side for side in side_reports if side.claims(folder)), None)
+
+    sections = []  # (side report, (entries, md, html))
+    for side in side_reports:
+        mine = [(d, n) for d, n in named if owner(d) is side]
+        if mine:
+            rendered = side.render([d for d, _ in mine], [n for _, n in mine], thumb=min(thumb, 96))
+            sections.append((side, rendered))
+    runs = [load_run(d, n) for d, n in named if owner(d) is None]
+    if not runs:
+        return _side_only_report(out_dir, sections)
     tables = protocol_tables(runs, seed)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
@@ -700,10 +723,10 @@ def build_report(
         report["_scatter_png"] = png
     md, html_page = _render(report, runs, thumb)
     report.pop("_scatter_png", None)
-    if attacks:
-        report["attacks"] = attack_entries
-        md += "\n" + attack_md
-        html_page = html_page.replace("</body></html>", "\n".join([*attack_html, "</body></html>"]))
+    for side, (entries, side_md, side_html) in sections:
+        report[side.key] = entries
+        md += "\n" + side_md
+        html_page = html_page.replace("</body></html>", "\n".join([*side_html, "</body></html>"]))
     (out / "report.json").write_text(
         json.dumps(report, indent=1, ensure_ascii=False, default=json_default), encoding="utf-8"
     )
@@ -712,47 +735,23 @@ def build_report(
     return report
 
 
-def _attack_only_report(
-    out_dir: str | Path, entries: list[dict[str, Any]], md: str, html_parts: list[str]
+def _side_only_report(
+    out_dir: str | Path,
+    sections: list[tuple[SideReport, tuple[list[dict[str, Any]], str, list[str]]]],
 ) -> dict[str, Any]:
-    """The report of attack runs alone (`safediff.attacks.run.attack_report`)."""
-    report: dict[str, Any] = {"schema": REPORT_SCHEMA, "attacks": entries}
+    """The report of side-report folders alone (e.g. only attack runs)."""
+    report: dict[str, Any] = {"schema": REPORT_SCHEMA}
+    title = sections[0][0].title if len(sections) == 1 else "safediff report"
+    md_parts, html_parts = [f"# {title}\n"], []
+    for side, (entries, md, html) in sections:
+        report[side.key] = entries
+        md_parts.append(md)
+        html_parts += html
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(
         json.dumps(report, indent=1, ensure_ascii=False, default=json_default), encoding="utf-8"
     )
-    (out / "report.md").write_text("# safediff attack report\n\n" + md, encoding="utf-8")
-    (out / "report.html").write_text(page("safediff attack report", html_parts), encoding="utf-8")
+    (out / "report.md").write_text("\n".join(md_parts), encoding="utf-8")
+    (out / "report.html").write_text(page(title, html_parts), encoding="utf-8")
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `safediff report RUN_DIR [RUN_DIR ...] --out DIR [--names a,b]`."""
-    p = subparsers.add_parser(
-        "report",
-        help="compare scored runs: tables with intervals, image grids, safety-utility plot",
-    )
-    p.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="scored run folders; first = baseline"
-    )
-    p.add_argument(
-        "--out", required=True, help="output folder (report.html, report.md, report.json)"
-    )
-    p.add_argument("--names", help="comma-separated display names, one per run")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed for the deltas")
-    p.add_argument("--max-grid", type=int, default=24, help="image rows in the grid")
-    p.set_defaults(func=run_report)
-    return p
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """`safediff report`: build the report and print where it is."""
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    build_report(args.run_dirs, args.out, names, seed=args.seed, max_grid=args.max_grid)
-    print(f"wrote {Path(args.out) / 'report.html'} (+ report.md, report.json)")
-    return 0
