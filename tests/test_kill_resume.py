@@ -296,13 +296,17 @@ def test_evaluation_killed_at_random_points_resumes_bitwise(tmp_path, one_thread
     out = tmp_path / "killed"
     argv = [*EVAL, "--prompts", str(prompts), "--out", str(out)]
     rng = random.Random(27)
+    # Generation kills wait for at most EVAL_IMAGES - EVAL_BATCH images (a batch's PNGs land
+    # together, so a larger target is first seen with every image written) and then half a
+    # reference batch (the suite runs on every core: this run may be up to twice as fast), so
+    # each falls before the last batch is written.
     killed = _kill_during(
         forkserver,
         argv,
         lambda: _pngs(out / "images"),
-        total=EVAL_IMAGES,
+        total=EVAL_IMAGES - EVAL_BATCH + 1,
         step=(4, 10),
-        unit_s=batch_s,
+        unit_s=batch_s / 2,
         rng=rng,
         kills=KILLS - 1,
     )
