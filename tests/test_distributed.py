@@ -1,7 +1,5 @@
 """Invariance: 2 processes x B samples == 1 process x 2B samples with the same seeds (gloo, CPU)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+
+from torchrun import run_two_processes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import run_one_epoch
@@ -29,22 +29,12 @@ def test_two_processes_match_one_process_with_double_batch(tiny_overrides, tmp_p
     # so the weight change measures the gradient itself (with a small eps it would be lr * sign(g)).
     base += ["optim.lr=1.0", "optim.eps=1.0", "optim.weight_decay=0", "grpo.max_grad_norm=0"]
     out = tmp_path / "two.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        str(Path(__file__).parent / "dist_worker.py"),
+    run_two_processes(
+        Path(__file__).parent / "dist_worker.py",
         str(out),
         *base,
         "grpo.samples_per_process=8",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
     two = load_file(str(out))
     assert int(two["world_size"]) == 2
 

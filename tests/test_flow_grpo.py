@@ -4,8 +4,6 @@ checkpoints diffusers loads, resume, 2 processes, and a reward that rises (rl/fl
 import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safediff.rl import flow_policy
 from safediff.rl.trainer import GRPOTrainer, train, update_shape
 from safediff.sampling.flow import FlowSchedule, flow_transition_log_prob, sde_window
 from safediff.sampling.sample import SamplerSettings
+from torchrun import run_two_processes
 
 FLOWS = ("tiny-sd3", "tiny-flux")
 LORA = [
@@ -476,22 +475,12 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
         "grpo.max_grad_norm=0",
     ]
     out = tmp_path / "two.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29543",
-        str(Path(__file__).parent / "dist_worker.py"),
+    run_two_processes(
+        Path(__file__).parent / "dist_worker.py",
         str(out),
         *base,
         "grpo.samples_per_process=8",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
     two = load_file(str(out))
     assert int(two["world_size"]) == 2
     one = run_one_epoch([*base, "grpo.samples_per_process=16"], Accelerator(cpu=True))

@@ -8,8 +8,6 @@ accelerator's state to FSDP so `accelerator.prepare` runs accelerate's real FSDP
 """
 
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from safediff.rewards.brightness import BrightnessReward
 from safediff.rl import checkpoint as ckpt
 from safediff.rl.fsdp import FSDP_BLOCK_CLASSES, block_classes, fsdp_plugin
 from safediff.rl.trainer import GRPOTrainer
+from torchrun import run_two_processes
 
 TESTS = Path(__file__).parent
 
@@ -59,22 +58,9 @@ def gradient_overrides(name: str, run_dir: Path) -> list[str]:
     ]
 
 
-def launch(port: int, *args: str) -> None:
+def launch(*args: str) -> None:
     """tests/fsdp_worker.py on 2 CPU processes (torchrun, gloo)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(TESTS / "fsdp_worker.py"),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(TESTS / "fsdp_worker.py", *args)
 
 
 def update(weights: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -199,7 +185,7 @@ def fsdp_run(tmp_path_factory) -> tuple[Path, list[str]]:
     run = tmp_path_factory.mktemp("fsdp") / "run"
     base = gradient_overrides("tiny-sd3", run)
     fsdp = [*base, "run.fsdp=true", "grpo.samples_per_process=8", "run.epochs=2"]
-    launch(29661, "train", "none", *fsdp, "run.save_every=1")
+    launch("train", "none", *fsdp, "run.save_every=1")
     return run, base
 
 
@@ -220,7 +206,7 @@ def test_two_fsdp_processes_update_sd3_as_one_process_with_the_doubled_batch(fsd
 def test_two_fsdp_processes_update_flux_as_one_process_with_the_doubled_batch(tmp_path):
     base = gradient_overrides("tiny-flux", tmp_path / "run")
     out = tmp_path / "two.safetensors"
-    launch(29662, "epoch", str(out), *base, "run.fsdp=true", "grpo.samples_per_process=8")
+    launch("epoch", str(out), *base, "run.fsdp=true", "grpo.samples_per_process=8")
     two = load_file(str(out))
     init = initial_weights("tiny-flux")
     total = sum(v.numel() for v in init.values())
@@ -244,7 +230,7 @@ def test_an_fsdp_checkpoint_resumes_exactly_and_loads_in_plain_diffusers(fsdp_ru
     first, last = ckpt.checkpoint_dir(run, 1), ckpt.checkpoint_dir(run, 2)
     resumed = tmp_path / "resumed"
     again = [*base, f"run.output_dir={resumed}", "run.fsdp=true", "grpo.samples_per_process=8"]
-    launch(29663, "train", str(first), *again, "run.epochs=2")
+    launch("train", str(first), *again, "run.epochs=2")
     for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.safetensors"):
         want, got = (
             load_file(str(last / name)),
