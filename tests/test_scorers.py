@@ -125,6 +125,48 @@ def test_nudenet_batching_does_not_change_detections(astronaut_png, tmp_path):
     assert one[0] == one[2]
 
 
+def test_nudenet_reads_every_png_kind_as_cv2_does(tmp_path, monkeypatch):
+    """8-bit RGB PNGs go through libspng (pyspng), every other file through cv2.imread: both must
+    give the pixels the package's cv2.imread gives, and a broken file a one-line error."""
+    import cv2
+
+    from safediff.eval.scorers import nudenet as nn
+
+    rgb = skimage_data.astronaut()[::4, ::4]
+    grey = skimage_data.camera()[::4, ::4]
+    files = {
+        "rgb8.png": Image.fromarray(rgb),
+        "rgb8-interlaced.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(rgb).convert("RGBA"),
+        "grey.png": Image.fromarray(grey),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "grey16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "photo.jpg": Image.fromarray(rgb),
+    }
+    paths = {}
+    for name, im in files.items():
+        paths[name] = tmp_path / name
+        im.save(paths[name], interlace=1) if "interlaced" in name else im.save(paths[name])
+    fast = [n for n, p in paths.items() if nn._plain_rgb8_png(p.read_bytes())]
+    assert fast == ["rgb8.png", "rgb8-interlaced.png"]
+    for name, path in paths.items():
+        want = np.ascontiguousarray(cv2.imread(str(path))[:, :, ::-1])
+        got = nn.read_rgb_uint8(path)
+        assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"], name
+        assert np.array_equal(got, want), name
+    pytest.importorskip("pyspng")
+    assert np.array_equal(nn._decode_png_rgb8(paths["rgb8.png"].read_bytes()), rgb)
+    # without pyspng the same pixels come from cv2
+    monkeypatch.setitem(__import__("sys").modules, "pyspng", None)
+    assert nn._decode_png_rgb8(paths["rgb8.png"].read_bytes()) is None
+    assert np.array_equal(nn.read_rgb_uint8(paths["rgb8.png"]), rgb)
+    monkeypatch.undo()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(paths["rgb8.png"].read_bytes()[:200])  # a valid header, then nothing
+    with pytest.raises(SafediffError, match="could not read image .*broken.png"):
+        nn.read_rgb_uint8(broken)
+
+
 def _det(label, score):
     return {"label": label, "score": score, "box": [0, 0, 10, 10]}
 
