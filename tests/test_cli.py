@@ -182,6 +182,10 @@ def test_demo_merge_weights_are_parsed_before_any_work(capsys, monkeypatch, tmp_
         assert calls[-1]["merge_weights"] == expected
     assert run_cli(capsys, "demo", "--output-dir", out)[0] == 0
     assert calls[-1]["merge_weights"] == "auto"
+    assert (calls[-1]["eval_precision"], calls[-1]["search_precision"]) == ("float32", "auto")
+    flags = ("--eval-precision", "bfloat16", "--search-precision", "float32")
+    assert run_cli(capsys, "demo", "--output-dir", out, *flags)[0] == 0
+    assert (calls[-1]["eval_precision"], calls[-1]["search_precision"]) == ("bfloat16", "float32")
     code, _, err = run_cli(capsys, "demo", "--output-dir", out, "--merge-weights", "0.6,best")
     assert_one_line_error(code, err, "--merge-weights")
-    assert len(calls) == 4 and not (tmp_path / "demo").exists()
+    assert len(calls) == 5 and not (tmp_path / "demo").exists()

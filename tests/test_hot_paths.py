@@ -247,3 +247,20 @@ def test_frozen_dtype_keeps_frozen_weights_in_bf16_and_the_ratio_at_one(tmp_path
     # rollout and re-scoring read the same bf16 weights under the same autocast
     assert metrics["train/ratio_drift_first_batch"] == 0.0
     assert metrics["train/grad_norm"] > 0
+
+
+def test_sampling_precision_auto_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from safediff.errors import SafediffError
+    from safediff.sampling.precision import native_bf16, resolve_unet_dtype
+
+    for avx512_bf16, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                   (False, False, "float32")):  # fmt: skip
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_unet_dtype("auto", "cpu") == want
+        assert native_bf16("cpu") == (want == "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_unet_dtype("auto", "cuda") == "float32"
+    assert resolve_unet_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit name is kept
+    with pytest.raises(SafediffError, match="use one of auto, float32, bfloat16, float16"):
+        resolve_unet_dtype("bf16", "cpu")

@@ -16,6 +16,7 @@ import json
 import pytest
 
 from safediff.errors import SafediffError
+from safediff.sampling.precision import resolve_unet_dtype
 from safediff.sandbox import demo as demo_module
 from safediff.sandbox.demo import run_sandbox_demo
 from safediff.sandbox.scene import FAMILIES
@@ -49,6 +50,7 @@ def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, m
     assert (out / "report.html").is_file() and (out / "summary.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "quick" and len(summary["history"]) == 4
+    assert summary["eval_unet_dtype"] == "float32" and summary["search_unet_dtype"] is None
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html
 
@@ -74,6 +76,9 @@ def test_quick_demo_runs_end_to_end_and_writes_only_under_its_folder(tmp_path, m
     assert "chosen on validation prompts" in (out / "report.html").read_text()
     saved = json.loads((out / "summary.json").read_text())
     assert saved["merge_selection"]["trials"] == selection["trials"]
+    # the search sampled in bf16 where the CPU computes it natively (safediff.sampling.precision)
+    assert saved["search_unet_dtype"] == resolve_unet_dtype("auto", "cpu")
+    assert info["validation_unet_dtype"] == saved["search_unet_dtype"]
     assert list(elsewhere.iterdir()) == []
 
 

@@ -319,3 +319,32 @@ def test_generate_images_seeded_on_tiny_unet(te):
     ])  # fmt: skip
     want = (x_t / zero.schedule.alphas_cumprod[t0].sqrt() / 2 + 0.5).clamp(0, 1)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_generate_images_in_bf16_keeps_seeding_and_the_callers_weights(te):
+    """The demo's evaluation precision (`unet_dtype`): a cast copy samples, batched = one batch
+    of another size up to bf16 rounding, close to float32, and the caller's UNet stays float32."""
+    from safediff.sandbox.image_cache import image_key
+
+    model = sandbox_t2i(
+        build_unet(TINY_SANDBOX_UNET_CONFIG, seed=0), SANDBOX_SCHEDULER_CONFIG, te, "tiny"
+    )
+    exs = make_split("eval", 5, seed=0)
+    kw = {"num_steps": 2, "guidance_scale": 3.0, "eta": 1.0, "progress": False, "seed": 7}
+    fp32 = generate_images(model, exs, batch_size=5, **kw)
+    a = generate_images(model, exs, batch_size=2, unet_dtype="bfloat16", **kw)
+    b = generate_images(model, exs, batch_size=5, unet_dtype="bfloat16", **kw)
+    assert a.dtype == torch.float32 and {p.dtype for p in model.unet.parameters()} == {
+        torch.float32
+    }
+    assert torch.equal(a, generate_images(model, exs, batch_size=2, unet_dtype="bfloat16", **kw))
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert 0 < (a - fp32).abs().max() < 0.1  # bf16 rounding of the same images
+    # the same dtype as the UNet's samples exactly as without the keyword
+    assert torch.equal(fp32, generate_images(model, exs, batch_size=5, unet_dtype="float32", **kw))
+    captions = [e.caption for e in exs]
+    assert image_key(model, captions, {**kw, "unet_dtype": "bfloat16"}) != image_key(
+        model, captions, {**kw, "unet_dtype": "float32"}
+    )
+    with pytest.raises(SafediffError, match="sampling precision 'int8'"):
+        generate_images(model, exs, batch_size=5, unet_dtype="int8", **kw)

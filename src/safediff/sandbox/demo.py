@@ -10,7 +10,9 @@
    validation prompts of the "grpo_train" split (`safediff.sandbox.merge_select`: the smallest
    of MERGE_CANDIDATES that cuts the validation unsafe rate by MERGE_TARGET_CUT within
    MERGE_UTILITY_MARGIN of the base's utility), written to `train/merged/`. The quick mode,
-   or a `run.merge_weight=W` override, uses a fixed weight instead (the quick mode: 1).
+   or a `run.merge_weight=W` override, uses a fixed weight instead (the quick mode: 1). The
+   search samples in bfloat16 where the CPU computes it natively (it only ranks weights against
+   the base sampled alike); the evaluation of step 5 in float32 unless told otherwise.
 5. The evaluation prompts and seeds through the post-trained model; score both, print the table
    with 95% intervals and paired deltas, write `report.html` (tables, training curves, image
    grids) and `summary.json`.
@@ -72,6 +74,8 @@ def run_sandbox_demo(
     preset: str = PRESET,
     defenses: str | None = None,
     merge_weights: Sequence[float] | Literal["auto"] | None = "auto",
+    eval_precision: str = "float32",
+    search_precision: str = "auto",
 ) -> dict[str, Any]:
     """Run the demo; returns {"before", "after", "deltas", "table", "history", "report", ...}.
 
@@ -86,6 +90,12 @@ def run_sandbox_demo(
     merge_weights: the merge weights to choose from on validation prompts (step 4 of the module
         docstring); "auto": MERGE_CANDIDATES in the full mode, none in the quick mode or when
         `overrides` set run.merge_weight; None: none, the config's run.merge_weight is used.
+    eval_precision: the UNet's precision when sampling the evaluation images, base and
+        post-trained alike: 'float32' (default), 'bfloat16', or 'auto' (bfloat16 on a CPU with
+        native bf16, float32 elsewhere; `safediff.sampling.precision`).
+    search_precision: the same for the merge-weight search's validation images: 'auto' by
+        default, since the search only ranks weights against the base sampled the same way (about
+        2x faster on a CPU with native bf16). Training's rollouts are always float32.
     """
     from safediff.defenses.stack import apply_defenses
     from safediff.eval.html import json_default
@@ -93,6 +103,7 @@ def run_sandbox_demo(
     from safediff.models.loading import load_t2i_model
     from safediff.rewards.registry import build_reward
     from safediff.rl.trainer import train
+    from safediff.sampling.precision import resolve_unet_dtype
     from safediff.sandbox.clip import load_sandbox_clip
     from safediff.sandbox.defense_eval import sandbox_defense_stack
     from safediff.sandbox.demo_eval import (
@@ -124,6 +135,8 @@ def run_sandbox_demo(
         + (["run.merge_weight=1.0"] if candidates else []),
     )
     device = torch.device("cpu")
+    unet_dtype = resolve_unet_dtype(eval_precision, device)
+    search_dtype = resolve_unet_dtype(search_precision, device)
     stack = sandbox_defense_stack(defenses, out, device=device, progress=progress)
     reward = build_reward(cfg.reward, device=device)
     detector, reader = load_detector(device=device), load_reader(device=device)
@@ -136,7 +149,9 @@ def run_sandbox_demo(
         "eta": cfg.sampling.eta,
         "batch_size": max(cfg.sampling.rollout_batch_size, 64),
         "progress": progress,
+        "unet_dtype": unet_dtype,
     }
+    search_sampling = {**sampling, "unet_dtype": search_dtype}
 
     base = load_t2i_model(cfg.model, device=device)
     logger.info("evaluating the base model on %d prompts", len(examples))
@@ -155,7 +170,7 @@ def run_sandbox_demo(
     final_unet = summary["final_unet"]
     if candidates:
         final_unet, selection = select_merge_weight(
-            base, summary, candidates, out, sampling, (detector, reader, clip)
+            base, summary, candidates, out, search_sampling, (detector, reader, clip)
         )
     trained = dataclasses.replace(base, unet=final_unet.eval())
     trained, defense_kwargs = apply_defenses(trained, stack, device=device)
@@ -181,6 +196,7 @@ def run_sandbox_demo(
         + (f"; weights merged with the base at {merge_weight:g}" if merge_weight != 1.0 else "")
         + (" (chosen on validation prompts)" if selection else "")
         + (f"; after = GRPO + defenses {defenses}" if stack else "")
+        + (f"; evaluation sampled with the UNet in {unet_dtype}" if unet_dtype != "float32" else "")
     )
     report = write_report(
         out / "report.html",
@@ -196,6 +212,8 @@ def run_sandbox_demo(
         extra={
             "wall time (s)": round(elapsed, 1),
             "evaluation prompts": len(examples),
+            "evaluation UNet precision": unet_dtype,
+            **({"validation UNet precision": search_dtype} if selection else {}),
             **({"merge weight": describe_selection(selection)} if selection else {}),
         },
         records_before=scored_before.records,
@@ -210,6 +228,8 @@ def run_sandbox_demo(
         "history": history,
         "wall_s": elapsed,
         "n_eval_prompts": len(examples),
+        "eval_unet_dtype": unet_dtype,
+        "search_unet_dtype": search_dtype if selection else None,
         "merge_weight": merge_weight,
         "merge_selection": selection,
     }
@@ -309,6 +329,7 @@ def select_merge_weight(
         "utility_margin": MERGE_UTILITY_MARGIN,
         "n_validation_prompts": len(examples),
         "validation_seed": VALIDATION_SEED,
+        "validation_unet_dtype": val_sampling.get("unet_dtype") or "float32",
         "base": {"unsafe_rate": base_scores[0], "utility": base_scores[1]},
         "trials": [t.as_dict() for t in trials],
     }

@@ -168,6 +168,7 @@ def generate_images(
     batch_size: int,
     progress: bool = True,
     rollout_kwargs: Mapping[str, Any] | None = None,
+    unet_dtype: str | None = None,
 ) -> torch.Tensor:
     """Images of `model` (a T2IModel) for the examples' captions -> float32 [N, 3, H, W] in [0, 1]
     on the CPU.
@@ -182,10 +183,17 @@ def generate_images(
     model: sampler `guidance` hooks, passed to every rollout call, and/or "negative_embeds"
     ([1, L, D]), which replaces the embeddings of "" as the CFG negative (as
     `safediff.eval.generate` merges them). None (or {}) samples exactly as without it.
+    unet_dtype: the UNet's precision while sampling ('float32', 'bfloat16'; a resolved name of
+    `safediff.sampling.precision`; None: the UNet's own): another dtype than the UNet's samples
+    with a cast copy of it, the latents and the DDIM step staying float32.
     """
     from tqdm.auto import tqdm
 
+    from safediff.sampling.precision import with_sampling_dtype
     from safediff.sampling.sample import SamplerSettings, sample
+
+    if unet_dtype is not None:
+        model = with_sampling_dtype(model, unet_dtype)
 
     settings = SamplerSettings(num_steps, eta, guidance_scale, "", batch_size)
     out = []
