@@ -1,4 +1,4 @@
-"""Paired, interleaved timing of the sandbox UNet with and without channels-last on the CPU.
+"""Paired, interleaved timing of the sandbox UNet on the CPU: channels-last layouts and bf16 weights.
 
 At the batch sizes `safediff demo` runs (CFG doubles each batch): evaluation and merge-search
 generation (64 prompts -> forward at 128), GRPO rollouts (rollout_batch_size 32 -> forward at 64)
@@ -7,7 +7,9 @@ and GRPO training (micro_batch 32 with train_cfg -> forward + backward at 64). V
 - plain: contiguous weights and inputs (the layout diffusers loads);
 - cl: channels-last weights and inputs;
 - cl_weights: channels-last weights, contiguous inputs (what a sampler feeding fresh noise does);
-- plain_nomkldnn / cl_nomkldnn: the same with `torch.backends.mkldnn` disabled.
+- plain_nomkldnn / cl_nomkldnn: the same with `torch.backends.mkldnn` disabled;
+- bf16: a bfloat16 copy of the weights, inputs cast to it (what the demo's merge-weight search
+  samples with on CPUs with native bf16, `safediff.sampling.precision`); forward cases only.
 
 Each round runs every variant once in a rotating order, so a shared machine's load falls on all
 of them alike; the report is the median over rounds of the per-round ratio plain / variant (> 1:
@@ -29,7 +31,7 @@ import torch
 from safediff.config import ModelConfig
 from safediff.models.loading import load_t2i_model
 
-VARIANTS = ("plain", "cl", "cl_weights", "plain_nomkldnn", "cl_nomkldnn")
+VARIANTS = ("plain", "cl", "cl_weights", "plain_nomkldnn", "cl_nomkldnn", "bf16")
 CASES = {  # name: (UNet batch, backward)
     "eval fwd B=128": (128, False),
     "rollout fwd B=64": (64, False),
@@ -61,7 +63,14 @@ def run_case(
     t = torch.randint(1, 1000, (batch,), generator=gen)
     emb = emb_of(batch)
     steps: dict[str, Callable[[], list[torch.Tensor]]] = {}
+    if backward:  # bf16 is for sampling only
+        variants = [v for v in variants if v != "bf16"]
     for name in variants:
+        if name == "bf16":
+            steps[name] = make_step(
+                unets["bf16"], x.bfloat16(), t, emb.bfloat16(), backward, mkldnn=True
+            )
+            continue
         cl_in = name in ("cl", "cl_nomkldnn")
         unet = unets["cl" if name.startswith("cl") else "plain"]
         steps[name] = make_step(
@@ -71,7 +80,9 @@ def run_case(
     diffs = {}
     for name, step in steps.items():
         out = step()  # also the warm-up
-        diffs[name] = max((a - b).abs().max().item() for a, b in zip(ref, out, strict=True))
+        diffs[name] = max(
+            (a - b.float()).abs().max().item() for a, b in zip(ref, out, strict=True)
+        )
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
@@ -107,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = load_t2i_model(ModelConfig(pretrained="sandbox"))
     plain = model.unet.to(memory_format=torch.contiguous_format)
-    unets = {"plain": plain, "cl": copy.deepcopy(plain).to(memory_format=torch.channels_last)}
+    unets = {
+        "plain": plain,
+        "cl": copy.deepcopy(plain).to(memory_format=torch.channels_last),
+        "bf16": torch.nn.Module.to(copy.deepcopy(plain), dtype=torch.bfloat16),
+    }
     token_states = model.encode_text(["a red ball on a blue square"], "cpu")
 
     def emb_of(batch: int) -> torch.Tensor:

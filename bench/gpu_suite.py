@@ -26,6 +26,8 @@ passed; a section that runs out of time mid-way keeps what it measured and says 
                  sizes) under a 23 GiB cap (`torch.cuda.set_per_process_memory_fraction`): fits or
                  not, peak memory. On the CPU there is no cap: the run and its peak RSS only.
 
+`--size cpu --sections grpo_epoch` compares whole epochs on a CPU at a quarter of SD 1.5's widths,
+128 px, with a CLIP-like reward encoder (SIZES["cpu"]), both sides in float32.
 `--size toy` runs every section at toy sizes (tiny-sd, a tiny OpenCLIP, tiny CLIP text encoder)
 so the suite itself is tested on the CPU (tests/test_gpu_suite.py); its numbers mean nothing.
 `--help` prints the JSON schema.
@@ -62,7 +64,7 @@ SCHEMA = """\
 JSON written to --out (rewritten atomically after every section; schema_version 1):
   schema_version: 1
   command: the argv of this run
-  size: "full" | "toy";  device: {"type", "name", "torch", "cuda", "total_memory_gib"}
+  size: "full" | "toy" | "cpu";  device: {"type", "name", "torch", "cuda", "total_memory_gib"}
   deadline_s: the budget; started_unix: start time; elapsed_s: seconds since start
   finished: true once every section has run or been skipped
   sections: {name: record} in run order (matmul_peak, unet, grpo_epoch, reward,
@@ -155,6 +157,20 @@ SIZES: dict[str, dict[str, Any]] = {
         "lora_steps": 2,
     },
 }
+# The whole-epoch comparison on a CPU (`--size cpu --sections grpo_epoch`): SD 1.5's architecture
+# with every width divided by 4 at 128 px (16 x 16 latents) and a CLIP-like reward encoder (224 px
+# input, width 128, patch 32, 2 layers): big enough that compute, not per-call overhead, decides,
+# small enough for minutes on 2 cores. Other sections run at toy sizes.
+SIZES["cpu"] = {
+    **SIZES["toy"],
+    "sd15_width_factor": 4,
+    "grpo_resolution": 128,
+    "grpo_samples": 16,
+    "grpo_group": 4,
+    "grpo_steps": 10,
+    "grpo_epochs": 2,
+    "reward_clip_like": True,
+}
 SECTIONS = ("matmul_peak", "unet", "grpo_epoch", "reward", "safe_denoiser", "des", "lora_memory")
 
 
@@ -177,6 +193,7 @@ class Context:
         self.measured_tflops: float | None = None
         self.datasheet_tflops = datasheet_tflops(device)
         self.truncated = False
+        self.grpo_overrides: list[str] = []  # --grpo-override: the shipped trainer's options
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -245,7 +262,8 @@ def sd15_model(ctx: Context, resolution: int) -> Any:
     """A `T2IModel` on the device: SD 1.5's published configs with random weights (full size),
     or tiny-sd (toy). The UNet is float32; the VAE and text encoder bf16 (full) as a GPU run
     would load them."""
-    if ctx.size == "toy":
+    factor = ctx.p.get("sd15_width_factor", 1)
+    if ctx.size != "full" and factor == 1:
         from safediff.config import ModelConfig
         from safediff.models.loading import load_t2i_model
 
@@ -253,8 +271,10 @@ def sd15_model(ctx: Context, resolution: int) -> Any:
     from diffusers import DDIMScheduler
 
     real = _bench_module("bench_real_size")
+    # bf16 frozen modules on a GPU, as a GPU run loads them; float32 on the CPU (equal precision)
+    frozen = torch.bfloat16 if ctx.cuda else torch.float32
     with torch.device(ctx.device):  # initialise on the device: seconds instead of a minute
-        components = real.build_components(real.scaled_arch("sd15", 1), frozen_dtype=torch.bfloat16)
+        components = real.build_components(real.scaled_arch("sd15", factor), frozen_dtype=frozen)
     # the scheduler's tables as every loader makes them: on the CPU
     components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config)
     return real.to_t2i(components, "sd15 (random weights)", resolution)
@@ -264,10 +284,12 @@ def reward_encoder(ctx: Context) -> Any:
     """HPSv2's OpenCLIP ViT-H-14 with random weights (full), or a tiny OpenCLIP (toy)."""
     from safediff.rewards.encoders.openclip import load_openclip_encoder
 
-    if ctx.size == "toy":
+    if ctx.size != "full":
         from safediff.rewards.encoders.tiny import tiny_openclip_config
 
-        cfg = tiny_openclip_config(context_length=77)
+        geometry = {"image_size": 224, "embed_dim": 128, "width": 128, "layers": 2,
+                    "patch_size": 32} if ctx.p.get("reward_clip_like") else {}  # fmt: skip
+        cfg = tiny_openclip_config(context_length=77, **geometry)
         return load_openclip_encoder("suite-tiny", None, device=ctx.device, model_cfg=cfg)
     from safediff.rewards.encoders.hpsv2 import HPSV2_ARCH
 
@@ -459,13 +481,16 @@ def reference_epoch(
     from safediff.sampling.rollout import rollout, transition_log_prob
     from safediff.seeding import derive_seed, generator
 
+    # bf16 autocast as the shipped trainer's run.mixed_precision=bf16 on a GPU; float32 on the
+    # CPU, where the shipped trainer runs without mixed precision
+    unet_amp = ctx.amp if ctx.cuda else contextlib.nullcontext
     n = len(prompts)
     gens = [generator(derive_seed(1, "noise", epoch, i)) for i in range(n)]
-    with torch.no_grad(), ctx.amp():
+    with torch.no_grad(), unet_amp():
         cond = model.encode_text(prompts, ctx.device).float()
         uncond = model.encode_text([""], ctx.device).float()
     model.unet.eval()
-    with ctx.amp():
+    with unet_amp():
         traj = rollout(
             model, cond, uncond, gens, num_steps=steps, eta=1.0, guidance_scale=5.0, batch_size=4
         )
@@ -477,7 +502,7 @@ def reference_epoch(
     for start in range(0, n, 4):
         j = torch.arange(start, min(start + 4, n), device=ctx.device)
         for s in range(steps - 1):  # the last step is never trained
-            with ctx.amp():
+            with unet_amp():
                 out = transition_log_prob(
                     model.unet,
                     model.schedule,
@@ -505,14 +530,15 @@ def grpo_section(ctx: Context) -> dict[str, Any]:
     from safediff.rl.trainer import GRPOTrainer
 
     p = ctx.p
-    resolution = 512 if ctx.size == "full" else 16
+    resolution = 512 if ctx.size == "full" else p.get("grpo_resolution", 16)
     model = sd15_model(ctx, resolution)
     encoder = reward_encoder(ctx)
     amp = torch.float16 if ctx.cuda else None
     reward = steering_reward(encoder, amp, jpeg=True)
     prompts = [f"a photo of subject {i}" for i in range(p["grpo_samples"] // p["grpo_group"])]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, overrides = _grpo_config(ctx, None, tmp, [])  # the defaults: transitions, 8 per pass
+        # the defaults (transitions, 8 per pass) unless --grpo-override sets the trainer's options
+        cfg, overrides = _grpo_config(ctx, None, tmp, ctx.grpo_overrides)
         acc = Accelerator(cpu=not ctx.cuda, mixed_precision=cfg.run.mixed_precision)
         trainer = GRPOTrainer(cfg, model, reward, prompts, acc)
         ref_opt = torch.optim.AdamW(
@@ -780,10 +806,12 @@ def run_suite(
     deadline_s: float,
     sections: tuple[str, ...] = SECTIONS,
     argv: list[str] | None = None,
+    grpo_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run `sections` in order, writing `out` after each; returns the final record."""
     start = time.monotonic()
     ctx = Context(device, size, start + deadline_s)
+    ctx.grpo_overrides = list(grpo_overrides or [])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's run.tf32 default
         torch.backends.cudnn.allow_tf32 = True
@@ -841,6 +869,14 @@ def main(argv: list[str] | None = None) -> int:
         "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--grpo-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the shipped trainer in grpo_epoch (repeatable), e.g. "
+        "run.channels_last=true; recorded in the section's overrides",
+    )
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = [s for s in sections if s not in RUNNERS]
@@ -850,8 +886,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     record = run_suite(
-        Path(args.out), device, args.size, args.deadline, sections, argv or sys.argv[1:]
-    )
+        Path(args.out), device, args.size, args.deadline, sections, argv or sys.argv[1:],
+        args.grpo_override,
+    )  # fmt: skip
     failed = [k for k, v in record["sections"].items() if v["status"] == "error"]
     print(f"[gpu_suite] wrote {args.out}; errors: {', '.join(failed) or 'none'}")
     return 1 if failed else 0

@@ -108,3 +108,23 @@ def test_help_documents_the_json_schema(suite, capsys):
         assert key in text
     with pytest.raises(SystemExit):
         suite.main(["--sections", "nope", "--out", "unused.json"])
+
+
+def test_grpo_overrides_reach_the_shipped_trainer_and_the_record(suite, tmp_path, monkeypatch):
+    """--grpo-override sets the shipped trainer's options (recorded); the `cpu` size is the toy
+    one with the whole-epoch section scaled up (its run takes minutes: bench/RESULTS.md)."""
+    assert set(suite.SIZES["toy"]) <= set(suite.SIZES["cpu"])
+    assert suite.SIZES["cpu"]["sd15_width_factor"] == 4
+    out = tmp_path / "suite.json"
+    record = suite.run_suite(
+        out, torch.device("cpu"), "toy", 120.0, ("grpo_epoch",), argv=[],
+        grpo_overrides=["grpo.micro_batch=2"],
+    )  # fmt: skip
+    entry = record["sections"]["grpo_epoch"]
+    assert entry["status"] == "ok", entry
+    assert entry["result"]["overrides"][-1] == "grpo.micro_batch=2"
+    assert entry["result"]["speedup"] > 0
+    calls = []
+    monkeypatch.setattr(suite, "run_suite", lambda *a: calls.append(a) or {"sections": {}})
+    assert suite.main(["--out", str(out), "--grpo-override", "run.channels_last=true"]) == 0
+    assert calls[0][-1] == ["run.channels_last=true"]
