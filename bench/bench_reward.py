@@ -16,7 +16,8 @@ so each call pays for its prompts as the first call of an epoch would.
 The default encoder is sandbox-sized (64 px input, width 64, 2 layers). The speedup grows as the
 encoder shrinks (per-call overhead dominates the loop) and shrinks as images grow (the loop's
 JPEG + PIL work grows, but so does the batched resize, which on a CPU is memory-bound). Both sides
-run in float32 (no autocast on the CPU). `--float-resize` adds a column: the batched reward with
+run in float32 (the reward's default on the CPU), or both under `--autocast bfloat16|float16`
+(the reference runs its reward under fp16 autocast on its GPUs). `--float-resize` adds a column: the batched reward with
 the float resize safediff used before its 8-bit one (the same images, timed in alternation);
 `--breakdown` times the batched path's stages, and how far the loop is from the image tower alone;
 `--pil-check` measures how far the 8-bit and the float resize are from PIL's on the same images.
@@ -222,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         help="after each row, compare the 8-bit and a float resize with PIL's on 4 of the images",
     )
     p.add_argument(
+        "--autocast",
+        default=None,
+        choices=("bfloat16", "float16"),
+        help="run both sides' encoders under torch.autocast with this dtype (the reference's "
+        "own mode is fp16 autocast; on a CPU bf16 is the one with native kernels); default: "
+        "float32 on both sides",
+    )
+    p.add_argument(
         "--float-resize",
         action="store_true",
         help="add the batched reward with a float resize (safediff's earlier preprocessing)",
@@ -245,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg["text_cfg"]["heads"] = max(1, args.width // 64)
     encoder = load_openclip_encoder("bench-vit", None, device=device, model_cfg=cfg)
     anchors = load_anchor_set("compact")
-    reward = SteeringReward(encoder, anchors, alpha=args.alpha, mode="translation", gating="all")
+    amp_dtype = getattr(torch, args.autocast) if args.autocast else None
+    reward = SteeringReward(
+        encoder, anchors, alpha=args.alpha, mode="translation", gating="all",
+        autocast_dtype=amp_dtype,
+    )  # fmt: skip
     float_reward = SteeringReward(
         FloatResizeEncoder(encoder), anchors, alpha=args.alpha, mode="translation", gating="all"
     )
@@ -261,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs) batch={n} images "
         f"({args.prompts} prompts x {args.group}), OpenCLIP ViT width={args.width} "
         f"layers={args.layers} patch={args.patch} input {args.image_size}px "
-        f"({n_params / 1e6:.1f}M params, random weights), float32 on both sides; median of "
+        f"({n_params / 1e6:.1f}M params, random weights), "
+        f"{args.autocast + ' autocast' if args.autocast else 'float32'} on both sides; median of "
         f"{args.repeats} alternating runs"
     )
     header = f"{'image px':>8} | {'loop img/s':>10} {'ms/img':>7} | {'batched img/s':>13} {'ms/img':>7} | {'speedup':>7} | {'max|dr|':>7}"
@@ -278,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             return reward(images, prompts)
 
         def looped(images: torch.Tensor = images) -> torch.Tensor:
-            return reference_loop(
-                encoder.model, encoder.tokenizer, preprocess, reward.v_safe, images, prompts,
-                args.alpha, device,
-            )  # fmt: skip
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                return reference_loop(
+                    encoder.model, encoder.tokenizer, preprocess, reward.v_safe, images,
+                    prompts, args.alpha, device,
+                ).float()  # fmt: skip
 
         def batched_float(images: torch.Tensor = images) -> torch.Tensor:
             float_reward.clear_cache()
