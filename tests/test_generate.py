@@ -425,6 +425,20 @@ def test_cli_main(tmp_path, capsys):
     assert "prompt set not found" in capsys.readouterr().err
 
 
+def test_cli_unet_dtype_auto_is_resolved_for_the_device_and_recorded(tmp_path, monkeypatch):
+    from safediff.sampling import precision
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a horse\n", encoding="utf-8")
+    argv = ["--model", "tiny-sd", "--prompts", str(prompts), "--steps", "1", "--device", "cpu"]
+    argv += ["--no-progress", "--unet-dtype", "auto"]
+    for native, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, v=native: v)
+        out = tmp_path / want
+        assert main([*argv, "--out", str(out)]) == 0
+        assert json.loads((out / "run.json").read_text())["unet_dtype"] == want
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_same_images_as_one(model, tmp_path):
     prompts = tmp_path / "p.txt"

@@ -18,11 +18,12 @@ import torch
 from accelerate import Accelerator
 
 from safediff.config import ModelConfig, load_config
-from safediff.eval.generate import content_key, with_unet_dtype
+from safediff.eval.generate import content_key
 from safediff.models.loading import load_t2i_model
 from safediff.prompts import load_prompts
 from safediff.rewards.brightness import BrightnessReward
 from safediff.rl.trainer import GRPOTrainer, configure_unet_speed, train
+from safediff.sampling.precision import with_unet_dtype
 from safediff.sampling.rollout import device_generators, rollout
 from safediff.sampling.sample import SamplerSettings, sample
 from safediff.seeding import generator

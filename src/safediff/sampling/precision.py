@@ -1,4 +1,4 @@
-"""The UNet's precision while sampling for evaluation: one name, resolved per device.
+"""The UNet's precision while sampling for evaluation: one name, resolved per device, one cast.
 
 Sampling for evaluation only reads the UNet, so its weights can run in bfloat16 where the
 hardware computes it natively: the sampler casts the UNet's inputs to its parameter dtype and its
@@ -41,6 +41,14 @@ def resolve_unet_dtype(name: str, device: torch.device | str) -> str:
     if name not in UNET_DTYPES:
         raise SafediffError(f"sampling precision {name!r}: use one of {', '.join(CHOICES)}")
     return name
+
+
+def with_unet_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """`model` (a T2IModel) with its UNet cast to `dtype` in place; the same model when already
+    so (`safediff generate --unet-dtype`, which loads its own model)."""
+    if next(model.unet.parameters()).dtype != dtype:
+        model.unet.to(dtype=dtype)
+    return model
 
 
 def with_sampling_dtype(model: Any, name: str) -> Any:
