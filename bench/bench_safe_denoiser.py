@@ -21,6 +21,14 @@ the two disagree for a reason unrelated to speed. "ours, odds gate" is the `gate
 with a reference set as large as the negation set (one more [B, M] product per windowed step).
 
     python bench/bench_safe_denoiser.py [--negatives 3000] [--steps 50] [--threads 1]
+
+`--sd15-step` adds the figure at SD 1.5's own size without sampling 50 SD 1.5 steps on a CPU
+(minutes each): SD 1.5's published UNet (random weights, float32) timed on one CFG call of
+`--sd-batch` samples, and our correction of the same batch against the negation set, alternated;
+the overhead of a run is (active steps x correction) / (all steps x UNet call), the sampler's
+other per-step work left out of both (it is the same with and without the defense).
+
+    python bench/bench_safe_denoiser.py --threads 2 --skip-tiny --skip-sd --sd15-step
 """
 
 import argparse
@@ -184,6 +192,70 @@ def run_size(
     )
 
 
+def sd15_step(args: argparse.Namespace, rounds: int = 3) -> None:
+    """SD 1.5's UNet call (CFG: 2 x sd-batch latents) vs one correction of sd-batch samples."""
+    import importlib.util
+    import statistics
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_real_size", Path(__file__).resolve().parent / "bench_real_size.py"
+    )
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**real.ARCHS["sd15"]["unet"]).eval()
+    n = args.sd_batch
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 64, 64)
+    x = torch.randn(2 * n, *shape, generator=g)
+    t = torch.full((2 * n,), 981)
+    cond = torch.randn(2 * n, 77, 768, generator=g)
+    negset = torch.randn(args.negatives, *shape, generator=g)
+    cfg = SafeDenoiserConfig(bandwidth=args.sd_bandwidth, gate_threshold=0.0, t_min=780)
+    hook = SafeDenoiser(negset, cfg)
+    x0 = torch.randn(n, *shape, generator=g)
+    tsteps = torch.full((n,), 981)
+
+    def unet_call() -> None:
+        with torch.inference_mode():
+            unet(x, t, encoder_hidden_states=cond)
+
+    def correction() -> None:
+        hook.correct(x0, tsteps)
+
+    unet_call(), correction()  # warm-up
+    times: dict[str, list[float]] = {"unet": [], "correction": []}
+    for _ in range(rounds):
+        for name, fn in (("unet", unet_call), ("correction", correction)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    unet_s, corr_s = (statistics.median(times[k]) for k in ("unet", "correction"))
+    active = int(hook.in_window(build_sd_schedule().timesteps(args.steps)[0]).sum())
+    params = sum(p.numel() for p in unet.parameters())
+    print(
+        f"\nSD 1.5 UNet ({params / 1e6:.0f}M parameters, random weights, float32), latents "
+        f"{shape}, {args.negatives} negation samples, CFG batch {2 * n} ({n} samples), median "
+        f"of {rounds} alternated rounds:"
+    )
+    print(f"  UNet call {unet_s:.2f} s; one correction {corr_s * 1e3:.1f} ms "
+          f"({100 * corr_s / unet_s:.2f}% of a call)")  # fmt: skip
+    print(
+        f"  a {args.steps}-step run with the window t in [780, 1000] ({active} active steps): "
+        f"{100 * active * corr_s / (args.steps * unet_s):.3f}% overhead; with every step "
+        f"active: {100 * corr_s / unet_s:.2f}%"
+    )
+
+
+def build_sd_schedule():
+    """The DDIM schedule SD 1.5 samples with (tiny-sd shares its scheduler config)."""
+    return sd_components_to_t2i(build_tiny_sd(seed=0), "tiny-sd").schedule
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--negatives", type=int, default=3000)
@@ -194,14 +266,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="samples per rollout (tiny size)")
     parser.add_argument("--sd-batch", type=int, default=2, help="samples per rollout (SD size)")
     parser.add_argument("--sd-bandwidth", type=float, default=30.0, help="see the docstring")
-    parser.add_argument("--skip-sd", action="store_true", help="only the tiny-sd latents")
+    parser.add_argument("--skip-sd", action="store_true", help="no SD-sized latents run")
+    parser.add_argument("--skip-tiny", action="store_true", help="no tiny-sd latents run")
+    parser.add_argument(
+        "--sd15-step", action="store_true", help="SD 1.5's UNet call vs a correction (docstring)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"Safe Denoiser overhead, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
-    tiny = sd_components_to_t2i(build_tiny_sd(seed=0), "tiny-sd")
-    run_size("tiny-sd latents, tiny SD UNet", tiny, args, args.batch, 3.15, args.repeats)
+    if not args.skip_tiny:
+        tiny = sd_components_to_t2i(build_tiny_sd(seed=0), "tiny-sd")
+        run_size("tiny-sd latents, tiny SD UNet", tiny, args, args.batch, 3.15, args.repeats)
     if not args.skip_sd:
         run_size(
             "SD-sized latents, small random UNet at 64x64",
@@ -211,6 +288,8 @@ def main() -> None:
             args.sd_bandwidth,
             args.sd_repeats,
         )
+    if args.sd15_step:
+        sd15_step(args)
 
 
 if __name__ == "__main__":
