@@ -258,11 +258,11 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ models
-def sd15_model(ctx: Context, resolution: int) -> Any:
+def sd15_model(ctx: Context, resolution: int, width_factor: int = 1) -> Any:
     """A `T2IModel` on the device: SD 1.5's published configs with random weights (full size),
     or tiny-sd (toy). The UNet is float32; the VAE and text encoder bf16 (full) as a GPU run
     would load them."""
-    factor = ctx.p.get("sd15_width_factor", 1)
+    factor = width_factor
     if ctx.size != "full" and factor == 1:
         from safediff.config import ModelConfig
         from safediff.models.loading import load_t2i_model
@@ -531,7 +531,7 @@ def grpo_section(ctx: Context) -> dict[str, Any]:
 
     p = ctx.p
     resolution = 512 if ctx.size == "full" else p.get("grpo_resolution", 16)
-    model = sd15_model(ctx, resolution)
+    model = sd15_model(ctx, resolution, p.get("sd15_width_factor", 1))
     encoder = reward_encoder(ctx)
     amp = torch.float16 if ctx.cuda else None
     reward = steering_reward(encoder, amp, jpeg=True)
