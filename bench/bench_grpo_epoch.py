@@ -1,8 +1,11 @@
 """GRPO epoch on the tiny pipeline: batched transitions (ours) vs one timestep per backward.
 
-The reference trainer loops `for each sample batch: for each timestep: forward, backward`, so one
-backward pass covers a few samples at one timestep. Ours shuffles every (sample, timestep)
-transition of the epoch and trains them in micro-batches mixed across timesteps. Both variants
+The reference trainer loops `for each sample batch: for each timestep: forward, backward`, then
+steps the optimizer, so one backward pass covers a few samples (4 in SafeDiffusion-R1's recipe,
+`--ref-batch`) at one timestep. Ours shuffles every (sample, timestep) transition of the epoch and
+trains them in micro-batches mixed across timesteps, stepping once per epoch here
+(grpo.grad_accum=0). Whole epochs (rollout + reward + training) are compared by
+`bench/gpu_suite.py --sections grpo_epoch` (`--size cpu` on a CPU). Both variants
 run here on the same stored rollouts, the same model and the same reward; each runs in its own
 subprocess so that peak memory (CUDA max allocated, or peak RSS on CPU) is measured per variant.
 
@@ -61,7 +64,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         trainer.train_on(batch, epoch=0)
 
     def reference_style() -> None:
-        # for each batch of `ref_batch` samples, for each timestep: forward + backward; one step
+        # for each minibatch of `ref_batch` samples: for each timestep forward + backward, then
+        # an optimizer step (the reference's loop)
         from safediff.sampling.rollout import transition_log_prob
 
         for start in range(0, args.samples, args.ref_batch):
@@ -83,8 +87,8 @@ def run_variant(args: argparse.Namespace) -> dict:
                     out.log_prob, traj.log_probs[j, s].to(dev), batch.advantages[j].to(dev), 0.2
                 )
                 acc.backward(loss.sum() / transitions)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
 
     fn = ours if args.variant == "ours" else reference_style
     fn()  # warm-up
@@ -116,7 +120,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=32, help="ours: transitions per backward")
     p.add_argument(
-        "--ref-batch", type=int, default=2, help="reference: samples per backward (one timestep)"
+        "--ref-batch", type=int, default=4, help="reference: samples per backward (one timestep)"
     )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -142,7 +146,7 @@ def main() -> None:
     )
     print(f"{'variant':<34}{'transitions/s':>14}{'samples/s':>11}{'peak MiB':>10}")
     print(
-        f"{'reference: 1 timestep/backward, ' + str(args.ref_batch) + ' smp':<34}{ref['transitions_per_s']:>14.1f}{ref['samples_per_s']:>11.2f}{ref['peak_mem_mb']:>10.0f}"
+        f"{'reference: 1 t/backward, ' + str(args.ref_batch) + ' smp/step':<34}{ref['transitions_per_s']:>14.1f}{ref['samples_per_s']:>11.2f}{ref['peak_mem_mb']:>10.0f}"
     )
     print(
         f"{'ours: ' + str(args.micro_batch) + ' mixed transitions/backward':<34}{ours['transitions_per_s']:>14.1f}{ours['samples_per_s']:>11.2f}{ours['peak_mem_mb']:>10.0f}"
