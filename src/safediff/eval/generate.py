@@ -68,6 +68,7 @@ from safediff.errors import SafediffError
 from safediff.eval.html import to_uint8
 from safediff.models.base import T2IModel
 from safediff.prompt_sets import FORMATS, MAX_IMAGE_SIZE, PromptRow
+from safediff.sampling.precision import CHOICES as PRECISION_CHOICES
 from safediff.sampling.precision import resolve_unet_dtype, with_unet_dtype
 from safediff.sampling.sample import SamplerSettings, sample
 from safediff.sampling.schedulers import SCHEDULERS, check_scheduler
@@ -692,7 +693,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unet-dtype",
         default="float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=PRECISION_CHOICES,
         help="precision of the UNet while sampling ('auto': bfloat16 where the device computes "
         "it natively, a GPU or a CPU with AVX512-BF16 / AMX, else float32); with --dtype "
         "bfloat16 the whole pipeline "

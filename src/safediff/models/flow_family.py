@@ -21,15 +21,7 @@ SD3_COMPONENTS = (
     "tokenizer_2",
     "scheduler",
 )  # text_encoder_3 / tokenizer_3 (T5) are optional, as in StableDiffusion3Pipeline
-FLUX_COMPONENTS = (
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "scheduler",
-)
+FLUX_COMPONENTS = SD3_COMPONENTS  # FluxPipeline's components: the same names (CLIP + T5)
 
 
 def transformer_family(transformer: nn.Module) -> str:

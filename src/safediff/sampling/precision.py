@@ -47,7 +47,9 @@ def with_unet_dtype(model: Any, dtype: torch.dtype) -> Any:
     """`model` (a T2IModel) with its UNet cast to `dtype` in place; the same model when already
     so (`safediff generate --unet-dtype`, which loads its own model)."""
     if next(model.unet.parameters()).dtype != dtype:
-        model.unet.to(dtype=dtype)
+        # nn.Module.to, not diffusers' override: that one warns about fp32-kept modules the
+        # sandbox's and SD's UNets do not have
+        torch.nn.Module.to(model.unet, dtype=dtype)
     return model
 
 
@@ -63,7 +65,4 @@ def with_sampling_dtype(model: Any, name: str) -> Any:
         raise SafediffError(f"sampling precision {name!r}: use one of {', '.join(UNET_DTYPES)}")
     if next(model.unet.parameters()).dtype == dtype:
         return model
-    # nn.Module.to, not diffusers' override: that one warns about fp32-kept modules the sandbox's
-    # and SD's UNets do not have
-    unet = torch.nn.Module.to(copy.deepcopy(model.unet), dtype=dtype)
-    return dataclasses.replace(model, unet=unet)
+    return with_unet_dtype(dataclasses.replace(model, unet=copy.deepcopy(model.unet)), dtype)
